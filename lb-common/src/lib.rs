@@ -1,0 +1,540 @@
+//! Map keys and values shared by the kernel programs (lb-ebpf) and userspace
+//! (lb-userspace, tests).
+//!
+//! Every type is `#[repr(C)]` with explicit padding so that both sides agree on
+//! the byte layout, bytemuck can prove there is no hidden padding, and bpftool
+//! prints the fields by name from BTF.
+//!
+//! Byte order: addresses and ports are stored in **network byte order**, exactly
+//! as they appear in the packet, so the datapath compares and copies them without
+//! swapping. Use [`ipv4_to_net`], [`net_to_ipv4`], [`port_to_net`] and
+//! [`net_to_port`] on the userspace side.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Names of the pinned maps (also the names of the statics in lb-ebpf).
+pub mod map_names {
+    pub const SERVICES: &str = "LB_SERVICES";
+    pub const BACKEND_SLOTS: &str = "LB_BACKEND_SLOTS";
+    pub const BACKENDS: &str = "LB_BACKENDS";
+    pub const CONNTRACK: &str = "LB_CONNTRACK";
+    pub const AFFINITY: &str = "LB_AFFINITY";
+    pub const NODE_ADDRS: &str = "LB_NODE_ADDRS";
+    pub const STATS: &str = "LB_STATS";
+    /// Userspace-only: service id -> human readable name, for lbctl.
+    pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
+    pub const ALL: [&str; 8] = [
+        SERVICES,
+        BACKEND_SLOTS,
+        BACKENDS,
+        CONNTRACK,
+        AFFINITY,
+        NODE_ADDRS,
+        STATS,
+        SERVICE_NAMES,
+    ];
+}
+
+/// Names of the kernel programs (the entry point function names in lb-ebpf).
+pub mod program_names {
+    /// TC ingress on a pod's host-side interface: packets sent by the pod.
+    pub const POD_INGRESS: &str = "lb_pod_ingress";
+    /// TC egress on a pod's host-side interface: packets delivered to the pod.
+    pub const POD_EGRESS: &str = "lb_pod_egress";
+    /// TC ingress on an uplink: packets from outside the node.
+    pub const UPLINK_INGRESS: &str = "lb_uplink_ingress";
+    /// TC egress on an uplink: packets leaving the node.
+    pub const UPLINK_EGRESS: &str = "lb_uplink_egress";
+    pub const ALL: [&str; 4] = [POD_INGRESS, POD_EGRESS, UPLINK_INGRESS, UPLINK_EGRESS];
+}
+
+/// Capacities of the maps. Userspace may lower them with `set_max_entries`
+/// before load; the datapath never depends on them.
+pub const MAX_SERVICES: u32 = 131_072;
+pub const MAX_BACKENDS: u32 = 262_144;
+pub const MAX_BACKEND_SLOTS: u32 = 524_288;
+pub const MAX_CONNTRACK: u32 = 262_144;
+pub const MAX_AFFINITY: u32 = 65_536;
+pub const MAX_NODE_ADDRS: u32 = 256;
+
+/// Most backends one service port may have in its cluster-wide set (and,
+/// separately, in its node-local set). Bounded so slot indices stay small.
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
+
+/// Slots of a service's node-local backend set start here; slots
+/// `0..backend_count` hold the cluster-wide set.
+pub const LOCAL_SLOT_BASE: u32 = 0x8000_0000;
+
+/// Scope of a frontend.
+pub const SCOPE_EXACT: u8 = 0;
+/// NodePort frontends: `addr` is 0 and the frontend matches any destination
+/// address that is in `LB_NODE_ADDRS`.
+pub const SCOPE_NODEPORT: u8 = 1;
+
+/// Frontend flags (`ServiceValue::flags`).
+pub mod service_flags {
+    /// ClusterIP frontend.
+    pub const CLUSTER_IP: u16 = 1 << 0;
+    /// NodePort frontend (wildcard address).
+    pub const NODE_PORT: u16 = 1 << 1;
+    /// spec.externalIPs frontend.
+    pub const EXTERNAL_IP: u16 = 1 << 2;
+    /// status.loadBalancer.ingress frontend.
+    pub const LOAD_BALANCER: u16 = 1 << 3;
+    /// sessionAffinity: ClientIP.
+    pub const AFFINITY: u16 = 1 << 4;
+    /// externalTrafficPolicy: Local (external frontends use the local set).
+    pub const EXTERNAL_LOCAL: u16 = 1 << 5;
+    /// internalTrafficPolicy: Local (ClusterIP uses the local set).
+    pub const INTERNAL_LOCAL: u16 = 1 << 6;
+    /// loadBalancerSourceRanges apply.
+    pub const SOURCE_RANGES: u16 = 1 << 7;
+}
+
+/// A frontend: where clients send packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct ServiceKey {
+    /// Destination IPv4 address, network byte order; 0 for `SCOPE_NODEPORT`.
+    pub addr: u32,
+    /// Destination port, network byte order.
+    pub port: u16,
+    /// IP protocol number (`PROTO_TCP`, `PROTO_UDP`).
+    pub proto: u8,
+    /// `SCOPE_EXACT` or `SCOPE_NODEPORT`.
+    pub scope: u8,
+}
+
+/// What a frontend translates to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ServiceValue {
+    /// Identifies the service port; shared by all frontends of one service port.
+    pub service_id: u32,
+    /// Backends in the cluster-wide set: slots `0..backend_count`.
+    pub backend_count: u16,
+    /// Backends in the node-local set: slots `LOCAL_SLOT_BASE + 0..local_backend_count`.
+    pub local_backend_count: u16,
+    /// `service_flags::*`.
+    pub flags: u16,
+    pub _pad: u16,
+    /// sessionAffinity ClientIP timeout, seconds.
+    pub affinity_timeout_sec: u32,
+}
+
+/// (service, slot) -> backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct BackendSlotKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct BackendSlot {
+    pub backend_id: u32,
+}
+
+/// Backend flags (`BackendValue::flags`).
+pub mod backend_flags {
+    /// The endpoint runs on this node (nodeName == this node).
+    pub const LOCAL: u8 = 1 << 0;
+    /// The endpoint is terminating (used only as a fallback).
+    pub const TERMINATING: u8 = 1 << 1;
+}
+
+/// An endpoint, keyed by a backend id the agent allocates.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct BackendValue {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    /// `backend_flags::*`.
+    pub flags: u8,
+}
+
+/// Conntrack direction (`ConntrackKey::dir`).
+pub const CT_DIR_FORWARD: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// Conntrack flags (`ConntrackEntry::flags`).
+pub mod ct_flags {
+    /// The flow is also source-NATed to the node (NodePort to a remote backend):
+    /// forward packets get source `snat_addr:snat_port`; replies get destination
+    /// `snat_addr:snat_port` (the original client) and are redirected out.
+    pub const SNAT: u16 = 1 << 0;
+    /// A packet was seen in the reply direction.
+    pub const SEEN_REPLY: u16 = 1 << 1;
+    pub const TCP_SYN: u16 = 1 << 2;
+    pub const TCP_FIN: u16 = 1 << 3;
+    pub const TCP_RST: u16 = 1 << 4;
+    /// The TCP handshake completed (ACK after SYN seen both ways).
+    pub const TCP_ESTABLISHED: u16 = 1 << 5;
+}
+
+/// One direction of a translated flow, as the packet looks when the datapath
+/// sees it (before translation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct ConntrackKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// `CT_DIR_FORWARD` or `CT_DIR_REPLY`.
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+/// The translation of one direction of a flow.
+///
+/// Forward (client -> frontend): destination becomes `nat_addr:nat_port`
+/// (the backend); with `ct_flags::SNAT` the source becomes `snat_addr:snat_port`.
+/// Reply (backend -> client): source becomes `nat_addr:nat_port` (the
+/// frontend); with `ct_flags::SNAT` the destination becomes
+/// `snat_addr:snat_port` (the original client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ConntrackEntry {
+    pub nat_addr: u32,
+    pub snat_addr: u32,
+    pub nat_port: u16,
+    pub snat_port: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// `ct_flags::*`.
+    pub flags: u16,
+    pub _pad: u16,
+    /// bpf_ktime_get_boot_ns() of the last packet.
+    pub last_seen_ns: u64,
+}
+
+/// Session affinity: (client address, service port) -> backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct AffinityKey {
+    pub client_addr: u32,
+    pub service_id: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_used_ns: u64,
+}
+
+/// A node address for NodePort matching; keyed by the address (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct NodeAddrValue {
+    pub flags: u32,
+}
+
+/// Human-readable name of a service port (`namespace/name:port/PROTO`), for
+/// lbctl. Written by the agent, never read by the datapath.
+pub const SERVICE_NAME_LEN: usize = 124;
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceName {
+    pub len: u32,
+    pub name: [u8; SERVICE_NAME_LEN],
+}
+
+impl Default for ServiceName {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            name: [0; SERVICE_NAME_LEN],
+        }
+    }
+}
+
+impl ServiceName {
+    /// Truncates to `SERVICE_NAME_LEN` bytes (on a char boundary).
+    pub fn new(s: &str) -> Self {
+        let mut end = s.len().min(SERVICE_NAME_LEN);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut name = [0u8; SERVICE_NAME_LEN];
+        name[..end].copy_from_slice(&s.as_bytes()[..end]);
+        Self {
+            len: end as u32,
+            name,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let len = (self.len as usize).min(SERVICE_NAME_LEN);
+        core::str::from_utf8(&self.name[..len]).unwrap_or("<invalid utf-8>")
+    }
+}
+
+/// Globals fixed at load time (`EbpfLoader::override_global("LB_CONFIG", ..)`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct DatapathConfig {
+    /// Idle lifetime of an established TCP flow.
+    pub ct_tcp_established_ns: u64,
+    /// Idle lifetime of a TCP flow that is opening or closing.
+    pub ct_tcp_transient_ns: u64,
+    /// Idle lifetime of a UDP flow.
+    pub ct_udp_ns: u64,
+    /// Source ports for SNAT of NodePort flows to remote backends, host order.
+    /// Outside the kernel's default ephemeral range (32768-60999) so they do
+    /// not collide with the node's own sockets.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub _pad: u32,
+}
+
+pub const DATAPATH_CONFIG_GLOBAL: &str = "LB_CONFIG";
+
+impl DatapathConfig {
+    pub const DEFAULT: Self = Self {
+        ct_tcp_established_ns: 21_600 * 1_000_000_000,
+        ct_tcp_transient_ns: 60 * 1_000_000_000,
+        ct_udp_ns: 60 * 1_000_000_000,
+        snat_port_min: 61_000,
+        snat_port_max: 65_535,
+        _pad: 0,
+    };
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Per-CPU counters, indexed by reason (`LB_STATS`, a PerCpuArray of u64).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatReason {
+    /// Every packet a program saw.
+    Packets = 0,
+    /// Not service traffic and not a reply: passed unchanged.
+    PassNotService = 1,
+    /// New flow translated to a backend.
+    NewFlow = 2,
+    /// Packet of a known flow translated in the forward direction.
+    ForwardTranslated = 3,
+    /// Reply translated back to the frontend address.
+    ReplyTranslated = 4,
+    /// Passed unchanged: not IPv4 (ARP, IPv6, ...).
+    PassNotIpv4 = 5,
+    /// Passed unchanged: neither TCP nor UDP.
+    PassOtherProto = 6,
+    /// Passed unchanged: IPv4 fragment.
+    PassFragment = 7,
+    /// Passed unchanged: IPv4 header with options.
+    PassIpOptions = 8,
+    /// Passed unchanged: header shorter than it claims.
+    PassTruncated = 9,
+    /// Dropped: the service has no usable backend.
+    DropNoBackend = 10,
+    /// Dropped: a slot pointed at a missing backend (agent mid-update).
+    DropBackendMissing = 11,
+    /// Dropped: conntrack insert failed (map full).
+    DropConntrackFull = 12,
+    /// Dropped: rewriting the packet failed.
+    DropRewriteFailed = 13,
+    /// Dropped: no free SNAT port.
+    DropSnatExhausted = 14,
+    /// Dropped: no route/neighbour for a redirected packet.
+    DropFibFailed = 15,
+    /// Packet redirected out of an interface (SNAT'ed NodePort flows).
+    Redirected = 16,
+    /// Conntrack entry found but expired; treated as a new flow.
+    ConntrackExpired = 17,
+}
+
+pub const STAT_COUNT: u32 = 18;
+
+impl StatReason {
+    pub const ALL: [StatReason; STAT_COUNT as usize] = [
+        StatReason::Packets,
+        StatReason::PassNotService,
+        StatReason::NewFlow,
+        StatReason::ForwardTranslated,
+        StatReason::ReplyTranslated,
+        StatReason::PassNotIpv4,
+        StatReason::PassOtherProto,
+        StatReason::PassFragment,
+        StatReason::PassIpOptions,
+        StatReason::PassTruncated,
+        StatReason::DropNoBackend,
+        StatReason::DropBackendMissing,
+        StatReason::DropConntrackFull,
+        StatReason::DropRewriteFailed,
+        StatReason::DropSnatExhausted,
+        StatReason::DropFibFailed,
+        StatReason::Redirected,
+        StatReason::ConntrackExpired,
+    ];
+
+    /// Stable snake_case name (lbctl output, metrics labels).
+    pub const fn name(self) -> &'static str {
+        match self {
+            StatReason::Packets => "packets",
+            StatReason::PassNotService => "pass_not_service",
+            StatReason::NewFlow => "new_flow",
+            StatReason::ForwardTranslated => "forward_translated",
+            StatReason::ReplyTranslated => "reply_translated",
+            StatReason::PassNotIpv4 => "pass_not_ipv4",
+            StatReason::PassOtherProto => "pass_other_proto",
+            StatReason::PassFragment => "pass_fragment",
+            StatReason::PassIpOptions => "pass_ip_options",
+            StatReason::PassTruncated => "pass_truncated",
+            StatReason::DropNoBackend => "drop_no_backend",
+            StatReason::DropBackendMissing => "drop_backend_missing",
+            StatReason::DropConntrackFull => "drop_conntrack_full",
+            StatReason::DropRewriteFailed => "drop_rewrite_failed",
+            StatReason::DropSnatExhausted => "drop_snat_exhausted",
+            StatReason::DropFibFailed => "drop_fib_failed",
+            StatReason::Redirected => "redirected",
+            StatReason::ConntrackExpired => "conntrack_expired",
+        }
+    }
+
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            StatReason::DropNoBackend
+                | StatReason::DropBackendMissing
+                | StatReason::DropConntrackFull
+                | StatReason::DropRewriteFailed
+                | StatReason::DropSnatExhausted
+                | StatReason::DropFibFailed
+        )
+    }
+}
+
+/// IPv4 octets -> u32 in network byte order (as stored in the maps).
+pub const fn ipv4_to_net(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+/// u32 in network byte order -> IPv4 octets.
+pub const fn net_to_ipv4(addr: u32) -> [u8; 4] {
+    addr.to_ne_bytes()
+}
+
+/// Host-order port -> network byte order.
+pub const fn port_to_net(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// Network byte order port -> host order.
+pub const fn net_to_port(port: u16) -> u16 {
+    u16::from_be(port)
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, and bytemuck::Pod (no padding,
+    // any bit pattern valid), which is exactly what aya::Pod requires.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendSlotKey {}
+    unsafe impl aya::Pod for BackendSlot {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for ConntrackKey {}
+    unsafe impl aya::Pod for ConntrackEntry {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for NodeAddrValue {}
+    unsafe impl aya::Pod for ServiceName {}
+    unsafe impl aya::Pod for DatapathConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, size_of};
+
+    #[test]
+    fn layouts_are_fixed() {
+        // The kernel side and bpftool see these exact sizes; a change here is
+        // a map format change that an upgrade must handle.
+        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<BackendSlotKey>(), 8);
+        assert_eq!(size_of::<BackendSlot>(), 4);
+        assert_eq!(size_of::<BackendValue>(), 8);
+        assert_eq!(size_of::<ConntrackKey>(), 16);
+        assert_eq!(size_of::<ConntrackEntry>(), 32);
+        assert_eq!(align_of::<ConntrackEntry>(), 8);
+        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<NodeAddrValue>(), 4);
+        assert_eq!(size_of::<ServiceName>(), 128);
+        assert_eq!(size_of::<DatapathConfig>(), 32);
+    }
+
+    #[test]
+    fn byte_order_helpers_match_the_wire() {
+        let addr = ipv4_to_net([10, 96, 0, 10]);
+        assert_eq!(addr.to_ne_bytes(), [10, 96, 0, 10]);
+        assert_eq!(net_to_ipv4(addr), [10, 96, 0, 10]);
+        let port = port_to_net(8080);
+        assert_eq!(port.to_ne_bytes(), [0x1f, 0x90]);
+        assert_eq!(net_to_port(port), 8080);
+    }
+
+    #[test]
+    fn key_field_offsets() {
+        let k = ServiceKey {
+            addr: ipv4_to_net([1, 2, 3, 4]),
+            port: port_to_net(0x0102),
+            proto: PROTO_UDP,
+            scope: SCOPE_NODEPORT,
+        };
+        assert_eq!(bytemuck::bytes_of(&k), &[1, 2, 3, 4, 1, 2, 17, 1]);
+        let c = ConntrackKey {
+            saddr: ipv4_to_net([1, 1, 1, 1]),
+            daddr: ipv4_to_net([2, 2, 2, 2]),
+            sport: port_to_net(1),
+            dport: port_to_net(2),
+            proto: PROTO_TCP,
+            dir: CT_DIR_REPLY,
+            _pad: [0; 2],
+        };
+        assert_eq!(
+            bytemuck::bytes_of(&c),
+            &[1, 1, 1, 1, 2, 2, 2, 2, 0, 1, 0, 2, 6, 1, 0, 0]
+        );
+    }
+
+    #[test]
+    fn stat_names_are_unique_and_indexed() {
+        for (i, r) in StatReason::ALL.iter().enumerate() {
+            assert_eq!(*r as u32, i as u32, "{} out of order", r.name());
+            for o in &StatReason::ALL[i + 1..] {
+                assert_ne!(r.name(), o.name());
+            }
+        }
+    }
+
+    #[test]
+    fn service_name_truncates_on_char_boundary() {
+        let n = ServiceName::new("default/web:http/TCP");
+        assert_eq!(n.as_str(), "default/web:http/TCP");
+        let long = "é".repeat(100); // 200 bytes
+        let n = ServiceName::new(&long);
+        assert!(n.as_str().len() <= SERVICE_NAME_LEN);
+        assert!(n.as_str().chars().all(|c| c == 'é'));
+    }
+}

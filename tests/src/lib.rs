@@ -1,0 +1,6 @@
+//! Shared support for lb's privileged integration tests, the demo and the
+//! benchmark: privilege checks, paths of built artifacts, packet builders and
+//! the network-namespace topology.
+
+pub mod privilege;
+pub mod artifacts;
