@@ -4,3 +4,5 @@
 
 pub mod privilege;
 pub mod artifacts;
+pub mod packet;
+pub mod topology;
