@@ -1,8 +1,14 @@
 //! lb's userspace: the node agent (`lb-agent`) and the inspection CLI (`lbctl`).
 //!
 //! Flow, one direction, each stage testable alone:
-//! `manifest`/watchers -> `model` (pure) -> `sync` (pure diff) -> `dataplane` (aya).
+//! `manifest` (source) -> `model` (pure) -> `sync` (pure diff) -> `dataplane` (aya).
+//! Side: `inspect` (lbctl's views), `netlink` (interfaces and addresses).
 
-pub mod state;
+pub mod agent;
+pub mod dataplane;
+pub mod inspect;
+pub mod manifest;
 pub mod model;
+pub mod netlink;
+pub mod state;
 pub mod sync;

@@ -1,0 +1,199 @@
+//! Typed handles on the pinned maps: read their whole contents into a
+//! [`MapContents`], apply [`MapOp`]s, and read conntrack and counters for lbctl.
+
+use std::borrow::{Borrow, BorrowMut};
+use std::path::Path;
+
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use lb_common::{
+    map_names, BackendSlot, BackendSlotKey, BackendValue, ConntrackEntry, ConntrackKey,
+    NodeAddrValue, ServiceKey, ServiceName, ServiceValue, StatReason,
+};
+use thiserror::Error;
+
+use crate::state::{service_name_value, MapContents, MapOp};
+
+#[derive(Debug, Error)]
+pub enum MapsError {
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {name} is missing from the eBPF object")]
+    Missing { name: &'static str },
+    #[error("cannot open pinned map {path}: {source} (is the agent running, and is --bpffs right?)")]
+    Open {
+        path: String,
+        #[source]
+        source: MapError,
+    },
+}
+
+fn err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError::Map { name, source }
+}
+
+/// The maps the agent writes. Generic over owned (`MapData`) and borrowed handles.
+pub struct AgentMaps<T> {
+    pub services: HashMap<T, ServiceKey, ServiceValue>,
+    pub slots: HashMap<T, BackendSlotKey, BackendSlot>,
+    pub backends: HashMap<T, u32, BackendValue>,
+    pub names: HashMap<T, u32, ServiceName>,
+    pub node_addrs: HashMap<T, u32, NodeAddrValue>,
+}
+
+/// The maps the datapath writes and lbctl reads.
+pub struct DatapathMaps<T> {
+    pub conntrack: HashMap<T, ConntrackKey, ConntrackEntry>,
+    pub stats: PerCpuArray<T, u64>,
+}
+
+fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, MapsError> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Map::from_map_data(data).map_err(err(name))
+}
+
+impl AgentMaps<MapData> {
+    /// Opens the pinned maps under `dir` (lbctl, and the agent itself).
+    pub fn open_pinned(dir: &Path) -> Result<Self, MapsError> {
+        Ok(Self {
+            services: HashMap::try_from(open_pinned(dir, map_names::SERVICES)?)
+                .map_err(err(map_names::SERVICES))?,
+            slots: HashMap::try_from(open_pinned(dir, map_names::BACKEND_SLOTS)?)
+                .map_err(err(map_names::BACKEND_SLOTS))?,
+            backends: HashMap::try_from(open_pinned(dir, map_names::BACKENDS)?)
+                .map_err(err(map_names::BACKENDS))?,
+            names: HashMap::try_from(open_pinned(dir, map_names::SERVICE_NAMES)?)
+                .map_err(err(map_names::SERVICE_NAMES))?,
+            node_addrs: HashMap::try_from(open_pinned(dir, map_names::NODE_ADDRS)?)
+                .map_err(err(map_names::NODE_ADDRS))?,
+        })
+    }
+}
+
+impl DatapathMaps<MapData> {
+    pub fn open_pinned(dir: &Path) -> Result<Self, MapsError> {
+        Ok(Self {
+            conntrack: HashMap::try_from(open_pinned(dir, map_names::CONNTRACK)?)
+                .map_err(err(map_names::CONNTRACK))?,
+            stats: PerCpuArray::try_from(open_pinned(dir, map_names::STATS)?)
+                .map_err(err(map_names::STATS))?,
+        })
+    }
+}
+
+impl<T: Borrow<MapData>> AgentMaps<T> {
+    /// Everything in the agent-owned maps right now. Used at start-up to adopt
+    /// what an earlier agent programmed (the diff starts from here, never
+    /// from empty), and by lbctl.
+    pub fn read_contents(&self) -> Result<MapContents, MapsError> {
+        let mut c = MapContents::default();
+        for kv in self.services.iter() {
+            let (k, v) = kv.map_err(err(map_names::SERVICES))?;
+            c.services.insert(k, v);
+        }
+        for kv in self.slots.iter() {
+            let (k, v) = kv.map_err(err(map_names::BACKEND_SLOTS))?;
+            c.slots.insert(k, v);
+        }
+        for kv in self.backends.iter() {
+            let (k, v) = kv.map_err(err(map_names::BACKENDS))?;
+            c.backends.insert(k, v);
+        }
+        for kv in self.names.iter() {
+            let (k, v) = kv.map_err(err(map_names::SERVICE_NAMES))?;
+            c.names.insert(k, v.as_str().to_string());
+        }
+        for k in self.node_addrs.keys() {
+            c.node_addrs.insert(k.map_err(err(map_names::NODE_ADDRS))?);
+        }
+        Ok(c)
+    }
+}
+
+impl<T: BorrowMut<MapData>> AgentMaps<T> {
+    /// Executes one map write.
+    pub fn apply(&mut self, op: &MapOp) -> Result<(), MapsError> {
+        match op {
+            MapOp::PutBackend(id, v) => self
+                .backends
+                .insert(id, v, 0)
+                .map_err(err(map_names::BACKENDS)),
+            MapOp::PutSlot(k, v) => self
+                .slots
+                .insert(k, v, 0)
+                .map_err(err(map_names::BACKEND_SLOTS)),
+            MapOp::PutName(id, n) => self
+                .names
+                .insert(id, service_name_value(n), 0)
+                .map_err(err(map_names::SERVICE_NAMES)),
+            MapOp::PutNodeAddr(a) => self
+                .node_addrs
+                .insert(a, NodeAddrValue { flags: 0 }, 0)
+                .map_err(err(map_names::NODE_ADDRS)),
+            MapOp::PutService(k, v) => self
+                .services
+                .insert(k, v, 0)
+                .map_err(err(map_names::SERVICES)),
+            MapOp::DeleteService(k) => {
+                ignore_missing(self.services.remove(k)).map_err(err(map_names::SERVICES))
+            }
+            MapOp::DeleteSlot(k) => {
+                ignore_missing(self.slots.remove(k)).map_err(err(map_names::BACKEND_SLOTS))
+            }
+            MapOp::DeleteBackend(id) => {
+                ignore_missing(self.backends.remove(id)).map_err(err(map_names::BACKENDS))
+            }
+            MapOp::DeleteName(id) => {
+                ignore_missing(self.names.remove(id)).map_err(err(map_names::SERVICE_NAMES))
+            }
+            MapOp::DeleteNodeAddr(a) => {
+                ignore_missing(self.node_addrs.remove(a)).map_err(err(map_names::NODE_ADDRS))
+            }
+        }
+    }
+}
+
+/// Deleting what is already gone is success: the goal state is reached.
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+impl<T: Borrow<MapData>> DatapathMaps<T> {
+    /// All conntrack entries (a snapshot; entries can change while reading).
+    pub fn conntrack_entries(&self) -> Result<Vec<(ConntrackKey, ConntrackEntry)>, MapsError> {
+        let mut out = Vec::new();
+        for kv in self.conntrack.iter() {
+            match kv {
+                Ok(kv) => out.push(kv),
+                // An LRU entry evicted between get_next_key and lookup.
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(err(map_names::CONNTRACK)(e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Counters summed over CPUs, in `StatReason::ALL` order.
+    pub fn stats(&self) -> Result<Vec<(StatReason, u64)>, MapsError> {
+        let mut out = Vec::new();
+        for r in StatReason::ALL {
+            let per_cpu = self
+                .stats
+                .get(&(r as u32), 0)
+                .map_err(err(map_names::STATS))?;
+            out.push((r, per_cpu.iter().copied().sum()));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,396 @@
+//! The side effects on the kernel: load the eBPF object, pin its maps under
+//! the bpffs directory, attach the TC programs to uplinks and pod interfaces,
+//! and execute map writes.
+//!
+//! Restart without a gap: maps are pinned (a new agent reopens them, so
+//! conntrack survives) and TCX links are pinned (a new agent swaps its
+//! programs into the existing links with `bpf_link_update`, atomically). The
+//! process itself holds no link: the pins do, so an agent that exits or
+//! crashes leaves the datapath running.
+
+pub mod maps;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::SchedClassifierLink;
+use aya::programs::{tc, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use lb_common::{map_names, program_names, DatapathConfig, DATAPATH_CONFIG_GLOBAL};
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+pub use maps::{AgentMaps, DatapathMaps, MapsError};
+
+use crate::netlink::Link;
+
+/// The eBPF object, embedded at build time (see build.rs).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/lb";
+const LINKS_DIR: &str = "links";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, Error)]
+pub enum DataplaneError {
+    #[error("this binary was built without the eBPF object; build it with `cargo xtask build`")]
+    NoObject,
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not on a bpf filesystem; mount one (mount -t bpf bpf /sys/fs/bpf) or choose another --bpffs")]
+    NotBpffs { path: String },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("attaching {program} to {interface} ({hook}): {reason}")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        hook: &'static str,
+        reason: String,
+    },
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DataplaneError + '_ {
+    move |source| DataplaneError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// What an interface is to the datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// The node's link to the outside (NodePort, external IPs, SNAT'ed replies).
+    Uplink,
+    /// The host side of a pod's veth.
+    Pod,
+}
+
+impl Role {
+    /// (hook name, TC direction, program).
+    fn hooks(self) -> [(&'static str, TcAttachType, &'static str); 2] {
+        match self {
+            Role::Uplink => [
+                ("ingress", TcAttachType::Ingress, program_names::UPLINK_INGRESS),
+                ("egress", TcAttachType::Egress, program_names::UPLINK_EGRESS),
+            ],
+            Role::Pod => [
+                ("ingress", TcAttachType::Ingress, program_names::POD_INGRESS),
+                ("egress", TcAttachType::Egress, program_names::POD_EGRESS),
+            ],
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Uplink => "uplink",
+            Role::Pod => "pod",
+        }
+    }
+}
+
+/// Pin file name of a link: `<ifname>@<ifindex>.<hook>`. The index is part of
+/// the name so a pin never gets mixed up with a new interface of the same name.
+fn link_pin_name(link: &Link, hook: &str) -> String {
+    format!("{}@{}.{}", link.name, link.index, hook)
+}
+
+/// Parses a pin file name back into (ifname, ifindex).
+fn parse_link_pin_name(file: &str) -> Option<(&str, u32)> {
+    let (iface, rest) = file.rsplit_once('@')?;
+    let (index, _hook) = rest.split_once('.')?;
+    Some((iface, index.parse().ok()?))
+}
+
+/// Makes sure `dir` can hold pins: mounts bpffs at /sys/fs/bpf when `dir` is
+/// below it and nothing is mounted there (a fresh node has no bpffs mounted).
+pub fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
+    let sys_bpf = Path::new("/sys/fs/bpf");
+    if dir.starts_with(sys_bpf) && !is_bpffs(sys_bpf) {
+        info!("mounting bpffs at /sys/fs/bpf");
+        std::fs::create_dir_all(sys_bpf).map_err(io_err(sys_bpf))?;
+        let src = c"bpf";
+        let target = c"/sys/fs/bpf";
+        // SAFETY: all pointers are valid NUL-terminated strings; data is null.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(io_err(sys_bpf)(io::Error::last_os_error()));
+        }
+    }
+    std::fs::create_dir_all(dir.join(LINKS_DIR)).map_err(io_err(dir))?;
+    if !is_bpffs(dir) {
+        return Err(DataplaneError::NotBpffs {
+            path: dir.display().to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs is plain data; c is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// A loaded datapath, its maps open, attached to some interfaces.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pub maps: AgentMaps<aya::maps::MapData>,
+    dir: PathBuf,
+    attached: BTreeMap<Link, Role>,
+    /// Links that could not be pinned (netlink TC attach on kernels without
+    /// TCX). Held here; they detach when the agent exits.
+    unpinned: Vec<SchedClassifierLink>,
+}
+
+impl Dataplane {
+    /// Loads the embedded object, reusing maps already pinned under `dir`.
+    pub fn load(dir: &Path, config: &DatapathConfig) -> Result<Self, DataplaneError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(DataplaneError::NoObject);
+        }
+        ensure_bpffs(dir)?;
+        let pin_paths: Vec<(&'static str, PathBuf)> =
+            map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader.override_global(DATAPATH_CONFIG_GLOBAL, config, true);
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        for name in program_names::ALL {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        let maps = AgentMaps::open_pinned(dir)?;
+        info!(dir = %dir.display(), "datapath loaded; maps pinned");
+        Ok(Self {
+            ebpf,
+            maps,
+            dir: dir.to_path_buf(),
+            attached: BTreeMap::new(),
+            unpinned: Vec::new(),
+        })
+    }
+
+    fn links_dir(&self) -> PathBuf {
+        self.dir.join(LINKS_DIR)
+    }
+
+    /// Attaches to every interface in `want` not attached yet, and lets go of
+    /// the ones no longer wanted (or gone). Returns the errors of interfaces
+    /// that could not be attached; the others are still handled.
+    pub fn sync_interfaces(&mut self, want: &BTreeMap<Link, Role>) -> Vec<DataplaneError> {
+        let mut errors = Vec::new();
+        let gone: Vec<Link> = self
+            .attached
+            .iter()
+            .filter(|(l, r)| want.get(*l) != Some(*r))
+            .map(|(l, _)| l.clone())
+            .collect();
+        for link in gone {
+            let role = self.attached.remove(&link).unwrap_or(Role::Pod);
+            info!(interface = %link.name, role = role.as_str(), "detaching");
+            for (hook, _, _) in role.hooks() {
+                let pin = self.links_dir().join(link_pin_name(&link, hook));
+                if let Err(e) = std::fs::remove_file(&pin) {
+                    if e.kind() != io::ErrorKind::NotFound {
+                        warn!(pin = %pin.display(), error = %e, "cannot remove link pin");
+                    }
+                }
+            }
+        }
+        for (link, role) in want {
+            if self.attached.contains_key(link) {
+                continue;
+            }
+            match self.attach(link, *role) {
+                Ok(()) => {
+                    info!(interface = %link.name, ifindex = link.index, role = role.as_str(), "attached");
+                    self.attached.insert(link.clone(), *role);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        errors
+    }
+
+    /// Removes link pins whose interface no longer exists (left by an agent
+    /// that was not running when the interface went away).
+    pub fn remove_stale_link_pins(&self, current: &[Link]) {
+        let Ok(entries) = std::fs::read_dir(self.links_dir()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let file = e.file_name();
+            let Some(file) = file.to_str() else { continue };
+            let alive = parse_link_pin_name(file).is_some_and(|(name, index)| {
+                current.iter().any(|l| l.index == index && l.name == name)
+            });
+            if !alive {
+                info!(pin = file, "removing link pin of an interface that is gone");
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    pub fn attached(&self) -> &BTreeMap<Link, Role> {
+        &self.attached
+    }
+
+    fn attach(&mut self, link: &Link, role: Role) -> Result<(), DataplaneError> {
+        let links_dir = self.links_dir();
+        for (hook, attach_type, program) in role.hooks() {
+            let attach_err = |reason: String| DataplaneError::Attach {
+                program,
+                interface: link.name.clone(),
+                hook,
+                reason,
+            };
+            let pin = links_dir.join(link_pin_name(link, hook));
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(program)
+                .ok_or(DataplaneError::MissingProgram(program))?
+                .try_into()
+                .map_err(|source| DataplaneError::Program {
+                    name: program,
+                    source,
+                })?;
+            // Adopt the link an earlier agent pinned: swap the program in place.
+            let adopted = match PinnedLink::from_pin(&pin) {
+                Ok(pinned) => {
+                    let fd: FdLink = pinned.into();
+                    match SchedClassifierLink::try_from(fd) {
+                        Ok(l) => match prog.attach_to_link(l) {
+                            Ok(id) => Some(id),
+                            Err(e) => {
+                                warn!(pin = %pin.display(), error = %e, "cannot update pinned link; attaching anew");
+                                let _ = std::fs::remove_file(&pin);
+                                None
+                            }
+                        },
+                        Err(e) => {
+                            warn!(pin = %pin.display(), error = %e, "pinned link is not a TCX link; attaching anew");
+                            let _ = std::fs::remove_file(&pin);
+                            None
+                        }
+                    }
+                }
+                Err(_) => None,
+            };
+            let (id, fresh) = match adopted {
+                Some(id) => (id, false),
+                None => {
+                    if aya::util::KernelVersion::current().is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0)) {
+                        // Without TCX the netlink path needs a clsact qdisc.
+                        if let Err(e) = tc::qdisc_add_clsact(&link.name) {
+                            debug!(interface = %link.name, error = %e, "clsact qdisc (may already exist)");
+                        }
+                    }
+                    let id = prog
+                        .attach(&link.name, attach_type)
+                        .map_err(|e| attach_err(e.to_string()))?;
+                    (id, true)
+                }
+            };
+            let owned = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+            if <&FdLink>::try_from(&owned).is_err() {
+                warn!(interface = %link.name, "link cannot be pinned (no TCX on this kernel); an agent restart will re-attach it");
+                self.unpinned.push(owned);
+                continue;
+            }
+            let fd = FdLink::try_from(owned).map_err(|e| attach_err(e.to_string()))?;
+            if fresh {
+                // The pin owns the link from now on; dropping the returned
+                // PinnedLink only closes our descriptor.
+                fd.pin(&pin)
+                    .map_err(|e| attach_err(format!("pin {}: {e}", pin.display())))?;
+            }
+            if !fresh {
+                debug!(interface = %link.name, hook, "adopted pinned link");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `lb-agent --cleanup`: detach and unpin everything under `dir`.
+pub fn cleanup(dir: &Path) -> Result<(), DataplaneError> {
+    if !dir.exists() {
+        info!(dir = %dir.display(), "nothing to clean up");
+        return Ok(());
+    }
+    let links = dir.join(LINKS_DIR);
+    if let Ok(entries) = std::fs::read_dir(&links) {
+        for e in entries.flatten() {
+            // Removing the last reference to a TCX link detaches it.
+            std::fs::remove_file(e.path()).map_err(io_err(&e.path()))?;
+            info!(pin = %e.path().display(), "detached and unpinned link");
+        }
+        std::fs::remove_dir(&links).map_err(io_err(&links))?;
+    }
+    for name in map_names::ALL {
+        let p = dir.join(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => info!(pin = %p.display(), "unpinned map"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&p)(e)),
+        }
+    }
+    std::fs::remove_dir(dir).map_err(io_err(dir))?;
+    info!(dir = %dir.display(), "cleaned up");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pin_names_round_trip() {
+        let l = Link {
+            index: 42,
+            name: "veth-a.b@c".into(),
+        };
+        let name = link_pin_name(&l, "ingress");
+        assert_eq!(name, "veth-a.b@c@42.ingress");
+        assert_eq!(parse_link_pin_name(&name), Some(("veth-a.b@c", 42)));
+        assert_eq!(parse_link_pin_name("garbage"), None);
+    }
+}
