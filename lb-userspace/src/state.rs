@@ -11,8 +11,9 @@ use std::net::Ipv4Addr;
 
 use lb_common::{BackendSlot, BackendSlotKey, BackendValue, ServiceKey, ServiceName, ServiceValue};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
+    #[default]
     Tcp,
     Udp,
 }
@@ -107,7 +108,10 @@ pub struct Frontend {
 impl Frontend {
     pub fn key(&self) -> ServiceKey {
         ServiceKey {
-            addr: self.addr.map(|a| lb_common::ipv4_to_net(a.octets())).unwrap_or(0),
+            addr: self
+                .addr
+                .map(|a| lb_common::ipv4_to_net(a.octets()))
+                .unwrap_or(0),
             port: lb_common::port_to_net(self.port),
             proto: self.protocol.number(),
             scope: if self.addr.is_some() {
@@ -143,12 +147,6 @@ pub struct DesiredServicePort {
     pub flags: u16,
     /// sessionAffinity ClientIP timeout (F8), seconds; 0 when affinity is off.
     pub affinity_timeout_sec: u32,
-}
-
-impl Default for Protocol {
-    fn default() -> Self {
-        Protocol::Tcp
-    }
 }
 
 /// What this node should be programmed with.
