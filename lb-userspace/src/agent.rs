@@ -117,6 +117,9 @@ mod tests {
     #[test]
     fn bad_cidr_names_the_flag() {
         let e = parse_cidrs("10.0.0.0/8,nope").unwrap_err();
-        assert!(e.contains("--nodeport-addresses") && e.contains("nope"), "{e}");
+        assert!(
+            e.contains("--nodeport-addresses") && e.contains("nope"),
+            "{e}"
+        );
     }
 }

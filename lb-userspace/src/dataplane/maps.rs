@@ -23,7 +23,9 @@ pub enum MapsError {
     },
     #[error("map {name} is missing from the eBPF object")]
     Missing { name: &'static str },
-    #[error("cannot open pinned map {path}: {source} (is the agent running, and is --bpffs right?)")]
+    #[error(
+        "cannot open pinned map {path}: {source} (is the agent running, and is --bpffs right?)"
+    )]
     Open {
         path: String,
         #[source]

@@ -87,7 +87,11 @@ impl Role {
     fn hooks(self) -> [(&'static str, TcAttachType, &'static str); 2] {
         match self {
             Role::Uplink => [
-                ("ingress", TcAttachType::Ingress, program_names::UPLINK_INGRESS),
+                (
+                    "ingress",
+                    TcAttachType::Ingress,
+                    program_names::UPLINK_INGRESS,
+                ),
                 ("egress", TcAttachType::Egress, program_names::UPLINK_EGRESS),
             ],
             Role::Pod => [
@@ -317,7 +321,9 @@ impl Dataplane {
             let (id, fresh) = match adopted {
                 Some(id) => (id, false),
                 None => {
-                    if aya::util::KernelVersion::current().is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0)) {
+                    if aya::util::KernelVersion::current()
+                        .is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0))
+                    {
                         // Without TCX the netlink path needs a clsact qdisc.
                         if let Err(e) = tc::qdisc_add_clsact(&link.name) {
                             debug!(interface = %link.name, error = %e, "clsact qdisc (may already exist)");
