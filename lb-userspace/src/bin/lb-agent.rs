@@ -113,7 +113,7 @@ impl Agent {
         };
         let want = interfaces_to_attach(&links, &uplinks, &self.pod_pattern);
         for e in self.dp.sync_interfaces(&want) {
-            error!(error = %e, "attach failed; will retry");
+            error!(error = %dataplane::error_chain(&e), "attach failed; will retry");
         }
         if !self.pruned_stale_pins {
             self.dp.remove_stale_link_pins(&links);

@@ -109,17 +109,43 @@ impl Role {
     }
 }
 
-/// Pin file name of a link: `<ifname>@<ifindex>.<hook>`. The index is part of
-/// the name so a pin never gets mixed up with a new interface of the same name.
-fn link_pin_name(link: &Link, hook: &str) -> String {
-    format!("{}@{}.{}", link.name, link.index, hook)
+/// bpffs refuses names with dots ("reserved"), and interface names may have
+/// them (VLANs: eth0.100).
+fn pin_safe(name: &str) -> String {
+    name.replace('.', "_")
 }
 
-/// Parses a pin file name back into (ifname, ifindex).
-fn parse_link_pin_name(file: &str) -> Option<(&str, u32)> {
-    let (iface, rest) = file.rsplit_once('@')?;
-    let (index, _hook) = rest.split_once('.')?;
-    Some((iface, index.parse().ok()?))
+/// Pin file name of a link: `<ifindex>-<hook>-<ifname>`. The index is part of
+/// the name so a pin never gets mixed up with a new interface of the same name.
+fn link_pin_name(link: &Link, hook: &str) -> String {
+    format!("{}-{}-{}", link.index, hook, pin_safe(&link.name))
+}
+
+/// Whether a pin file name belongs to one of `current`'s interfaces.
+fn link_pin_is_current(file: &str, current: &[Link]) -> bool {
+    let mut parts = file.splitn(3, '-');
+    let (Some(index), Some(_hook), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let Ok(index) = index.parse::<u32>() else {
+        return false;
+    };
+    current
+        .iter()
+        .any(|l| l.index == index && pin_safe(&l.name) == name)
+}
+
+/// An error with its causes, for log lines (aya's syscall errors keep the
+/// errno in the source).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// Makes sure `dir` can hold pins: mounts bpffs at /sys/fs/bpf when `dir` is
@@ -244,8 +270,13 @@ impl Dataplane {
                 continue;
             }
             match self.attach(link, *role) {
-                Ok(()) => {
-                    info!(interface = %link.name, ifindex = link.index, role = role.as_str(), "attached");
+                Ok(adopted) => {
+                    let how = if adopted {
+                        "adopted pinned links (programs swapped in place)"
+                    } else {
+                        "attached"
+                    };
+                    info!(interface = %link.name, ifindex = link.index, role = role.as_str(), "{how}");
                     self.attached.insert(link.clone(), *role);
                 }
                 Err(e) => errors.push(e),
@@ -263,10 +294,7 @@ impl Dataplane {
         for e in entries.flatten() {
             let file = e.file_name();
             let Some(file) = file.to_str() else { continue };
-            let alive = parse_link_pin_name(file).is_some_and(|(name, index)| {
-                current.iter().any(|l| l.index == index && l.name == name)
-            });
-            if !alive {
+            if !link_pin_is_current(file, current) {
                 info!(pin = file, "removing link pin of an interface that is gone");
                 let _ = std::fs::remove_file(e.path());
             }
@@ -277,8 +305,10 @@ impl Dataplane {
         &self.attached
     }
 
-    fn attach(&mut self, link: &Link, role: Role) -> Result<(), DataplaneError> {
+    /// Attaches both hooks; true when both were adopted from pins.
+    fn attach(&mut self, link: &Link, role: Role) -> Result<bool, DataplaneError> {
         let links_dir = self.links_dir();
+        let mut all_adopted = true;
         for (hook, attach_type, program) in role.hooks() {
             let attach_err = |reason: String| DataplaneError::Attach {
                 program,
@@ -331,28 +361,29 @@ impl Dataplane {
                     }
                     let id = prog
                         .attach(&link.name, attach_type)
-                        .map_err(|e| attach_err(e.to_string()))?;
+                        .map_err(|e| attach_err(error_chain(&e)))?;
                     (id, true)
                 }
             };
-            let owned = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+            let owned = prog
+                .take_link(id)
+                .map_err(|e| attach_err(error_chain(&e)))?;
             if <&FdLink>::try_from(&owned).is_err() {
                 warn!(interface = %link.name, "link cannot be pinned (no TCX on this kernel); an agent restart will re-attach it");
                 self.unpinned.push(owned);
                 continue;
             }
-            let fd = FdLink::try_from(owned).map_err(|e| attach_err(e.to_string()))?;
+            let fd = FdLink::try_from(owned).map_err(|e| attach_err(error_chain(&e)))?;
             if fresh {
                 // The pin owns the link from now on; dropping the returned
                 // PinnedLink only closes our descriptor.
-                fd.pin(&pin)
-                    .map_err(|e| attach_err(format!("pin {}: {e}", pin.display())))?;
+                fd.pin(&pin).map_err(|e| {
+                    attach_err(format!("pin {}: {}", pin.display(), error_chain(&e)))
+                })?;
             }
-            if !fresh {
-                debug!(interface = %link.name, hook, "adopted pinned link");
-            }
+            all_adopted &= !fresh;
         }
-        Ok(())
+        Ok(all_adopted)
     }
 }
 
@@ -389,14 +420,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn link_pin_names_round_trip() {
+    fn link_pin_names_have_no_dots_and_match_their_interface() {
         let l = Link {
             index: 42,
-            name: "veth-a.b@c".into(),
+            name: "eth0.100-x".into(),
         };
         let name = link_pin_name(&l, "ingress");
-        assert_eq!(name, "veth-a.b@c@42.ingress");
-        assert_eq!(parse_link_pin_name(&name), Some(("veth-a.b@c", 42)));
-        assert_eq!(parse_link_pin_name("garbage"), None);
+        assert_eq!(name, "42-ingress-eth0_100-x");
+        assert!(link_pin_is_current(&name, &[l.clone()]));
+        let renamed = Link {
+            index: 42,
+            name: "other".into(),
+        };
+        assert!(!link_pin_is_current(&name, &[renamed]));
+        let reused_index = Link {
+            index: 43,
+            name: "eth0.100-x".into(),
+        };
+        assert!(!link_pin_is_current(&name, &[reused_index]));
+        assert!(!link_pin_is_current("garbage", &[l]));
     }
 }
