@@ -427,7 +427,7 @@ mod tests {
         };
         let name = link_pin_name(&l, "ingress");
         assert_eq!(name, "42-ingress-eth0_100-x");
-        assert!(link_pin_is_current(&name, &[l.clone()]));
+        assert!(link_pin_is_current(&name, std::slice::from_ref(&l)));
         let renamed = Link {
             index: 42,
             name: "other".into(),
