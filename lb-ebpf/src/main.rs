@@ -1,4 +1,78 @@
+//! lb kernel datapath: four TC programs that translate Service traffic.
+//!
+//! The entry points are thin; every concern lives in its own module, in the
+//! style of Cilium's bpf/lib:
+//!
+//! | module      | concern                                                   |
+//! |-------------|-----------------------------------------------------------|
+//! | `parse`     | Ethernet/IPv4/TCP/UDP parsing into [`parse::Packet`]      |
+//! | `csum`      | header offsets, incremental L3/L4 checksum rewrites       |
+//! | `maps`      | every map and the `LB_CONFIG` global                      |
+//! | `stats`     | per-CPU counters by `lb_common::StatReason`               |
+//! | `conntrack` | keys, expiry, TCP state bits, entry updates, SNAT ports   |
+//! | `service`   | frontend lookup (exact, then NodePort wildcard)           |
+//! | `backend`   | backend selection (random slot, session affinity)         |
+//! | `nat`       | DNAT/SNAT/reverse rewrites, FIB lookup + redirect         |
+//! | `ingress`   | the ingress pipeline (pod and uplink)                     |
+//! | `egress`    | the egress pipeline (reverse NAT of replies)              |
 #![no_std]
 #![no_main]
+
+mod backend;
+mod conntrack;
+mod csum;
+mod egress;
+mod ingress;
+mod maps;
+mod nat;
+mod parse;
+mod service;
+mod stats;
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+/// Where a program is attached. Passed as a constant so every program is
+/// specialised at compile time.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// A pod's host-side interface.
+    Pod,
+    /// A node uplink.
+    Uplink,
+}
+
+/// TC ingress on a pod's host-side veth: packets sent by the pod.
+#[classifier]
+pub fn lb_pod_ingress(ctx: TcContext) -> i32 {
+    maps::keep_service_names();
+    ingress::run(&ctx, Hook::Pod)
+}
+
+/// TC egress on a pod's host-side veth: packets delivered to the pod.
+#[classifier]
+pub fn lb_pod_egress(ctx: TcContext) -> i32 {
+    maps::keep_service_names();
+    egress::run(&ctx)
+}
+
+/// TC ingress on an uplink: packets from outside the node.
+#[classifier]
+pub fn lb_uplink_ingress(ctx: TcContext) -> i32 {
+    maps::keep_service_names();
+    ingress::run(&ctx, Hook::Uplink)
+}
+
+/// TC egress on an uplink: packets leaving the node.
+#[classifier]
+pub fn lb_uplink_egress(ctx: TcContext) -> i32 {
+    maps::keep_service_names();
+    egress::run(&ctx)
+}
+
+#[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! { loop {} }
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Every panic path must be optimised away (the verifier would reject the
+    // program otherwise); this tells the compiler that none is reachable.
+    unsafe { core::hint::unreachable_unchecked() }
+}

@@ -1,0 +1,89 @@
+//! Backend selection for a new flow: one random slot of the service's
+//! cluster-wide or node-local set (SEMANTICS F3), or the client's previous
+//! backend under session affinity (F8).
+
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_prandom_u32};
+use lb_common::{
+    service_flags, AffinityKey, AffinityValue, BackendSlotKey, BackendValue, ServiceValue,
+    StatReason, LOCAL_SLOT_BASE,
+};
+
+use crate::maps::{LB_AFFINITY, LB_BACKENDS, LB_BACKEND_SLOTS};
+
+#[inline(always)]
+fn backend(id: u32) -> Option<BackendValue> {
+    // SAFETY: a valid map value pointer; copied out at once.
+    LB_BACKENDS.get_ptr(id).map(|p| unsafe { *p })
+}
+
+/// The backend `client` used before, if the affinity entry is younger than
+/// the service's timeout and the backend still exists.
+#[inline(always)]
+fn affinity(key: &AffinityKey, timeout_sec: u32, now: u64) -> Option<(u32, BackendValue)> {
+    // SAFETY: a valid map value pointer; copied out at once.
+    let a: AffinityValue = LB_AFFINITY.get_ptr(key).map(|p| unsafe { *p })?;
+    if now.saturating_sub(a.last_used_ns) > u64::from(timeout_sec) * 1_000_000_000 {
+        return None;
+    }
+    backend(a.backend_id).map(|b| (a.backend_id, b))
+}
+
+/// Chooses the backend of a new flow from `svc`'s set starting at slot
+/// `base` with `count` (> 0) members.
+#[inline(always)]
+pub fn select(
+    svc: &ServiceValue,
+    local: bool,
+    client: u32,
+    now: u64,
+) -> Result<(u32, BackendValue), StatReason> {
+    let (base, count) = if local {
+        (LOCAL_SLOT_BASE, u32::from(svc.local_backend_count))
+    } else {
+        (0, u32::from(svc.backend_count))
+    };
+    if count == 0 {
+        return Err(StatReason::DropNoBackend);
+    }
+
+    let sticky = svc.flags & service_flags::AFFINITY != 0;
+    let akey = AffinityKey {
+        client_addr: client,
+        service_id: svc.service_id,
+    };
+    let previous = if sticky {
+        affinity(&akey, svc.affinity_timeout_sec, now)
+    } else {
+        None
+    };
+    let chosen = match previous {
+        Some(c) => c,
+        None => {
+            // SAFETY: no preconditions.
+            let slot = unsafe { bpf_get_prandom_u32() }
+                .checked_rem(count)
+                .unwrap_or(0);
+            let skey = BackendSlotKey {
+                service_id: svc.service_id,
+                slot: base + slot,
+            };
+            // SAFETY: a valid map value pointer; copied out at once.
+            let id = LB_BACKEND_SLOTS
+                .get_ptr(skey)
+                .map(|p| unsafe { (*p).backend_id })
+                .ok_or(StatReason::DropBackendMissing)?;
+            (id, backend(id).ok_or(StatReason::DropBackendMissing)?)
+        }
+    };
+    if sticky {
+        let value = AffinityValue {
+            backend_id: chosen.0,
+            _pad: 0,
+            last_used_ns: now,
+        };
+        // Best effort: an LRU insert only fails on allocation failure, and
+        // the flow itself does not depend on it.
+        let _ = LB_AFFINITY.insert(akey, value, BPF_ANY as u64);
+    }
+    Ok(chosen)
+}

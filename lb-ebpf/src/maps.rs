@@ -1,0 +1,91 @@
+//! Every map of the datapath, declared with `#[btf_map]` so that the object
+//! carries key/value BTF and `bpftool map dump` prints field names.
+//!
+//! Names are the constants of `lb_common::map_names` (the static's name is the
+//! map name); capacities are `lb_common::MAX_*` (userspace may lower them with
+//! `EbpfLoader::set_max_entries`).
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    AffinityKey, AffinityValue, BackendSlot, BackendSlotKey, BackendValue, ConntrackEntry,
+    ConntrackKey, DatapathConfig, NodeAddrValue, ServiceKey, ServiceName, ServiceValue,
+    MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_NODE_ADDRS, MAX_SERVICES,
+    STAT_COUNT,
+};
+
+/// Maps written only by the agent are allocated on demand: preallocating
+/// several hundred thousand entries that a node rarely uses would pin tens of
+/// megabytes of kernel memory. Conntrack and affinity are LRU maps, which are
+/// always preallocated (the datapath inserts into them).
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+
+/// Frontends: (address, port, protocol, scope) -> service.
+#[btf_map]
+pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+/// (service id, slot) -> backend id.
+#[btf_map]
+pub static LB_BACKEND_SLOTS: HashMap<
+    BackendSlotKey,
+    BackendSlot,
+    { MAX_BACKEND_SLOTS as usize },
+    NO_PREALLOC,
+> = HashMap::new();
+
+/// Backend id -> endpoint.
+#[btf_map]
+pub static LB_BACKENDS: HashMap<u32, BackendValue, { MAX_BACKENDS as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+/// Both directions of every translated flow.
+#[btf_map]
+pub static LB_CONNTRACK: LruHashMap<ConntrackKey, ConntrackEntry, { MAX_CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// Session affinity: (client address, service id) -> backend.
+#[btf_map]
+pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as usize }> =
+    LruHashMap::new();
+
+/// This node's addresses (network order) for NodePort matching.
+#[btf_map]
+pub static LB_NODE_ADDRS: HashMap<u32, NodeAddrValue, { MAX_NODE_ADDRS as usize }> = HashMap::new();
+
+/// Per-CPU counters indexed by `lb_common::StatReason`.
+#[btf_map]
+pub static LB_STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
+
+/// Service id -> human-readable name, for lbctl. Never read here, but it is
+/// part of the object so that the loader creates (and pins) it with the rest:
+/// see [`keep_service_names`].
+#[btf_map]
+pub static LB_SERVICE_NAMES: HashMap<u32, ServiceName, { MAX_SERVICES as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+/// Load-time configuration, overridden by userspace with
+/// `EbpfLoader::override_global(lb_common::DATAPATH_CONFIG_GLOBAL, ..)`.
+#[unsafe(no_mangle)]
+static LB_CONFIG: DatapathConfig = DatapathConfig::DEFAULT;
+
+/// Reads `LB_CONFIG`. The volatile read keeps the compiler from folding the
+/// compiled-in default into the code: the loader patches the value in
+/// `.rodata` before the program is verified.
+#[inline(always)]
+pub fn config() -> DatapathConfig {
+    // SAFETY: LB_CONFIG is a valid, aligned static.
+    unsafe { core::ptr::read_volatile(&LB_CONFIG) }
+}
+
+/// Makes the programs reference `LB_SERVICE_NAMES`, which nothing reads: the
+/// linker drops unreferenced statics, and `#[used]` would put the map into a
+/// `.maps` section of its own, which the loader does not accept. Costs a
+/// map-address load per packet.
+#[inline(always)]
+pub fn keep_service_names() {
+    core::hint::black_box(core::ptr::addr_of!(LB_SERVICE_NAMES));
+}
