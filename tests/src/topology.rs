@@ -938,6 +938,15 @@ impl Topology {
         ];
         argv.extend_from_slice(extra_args);
         let name = format!("agent-{node}");
+        {
+            let mut procs = self.procs.lock().unwrap();
+            if let Some(old) = procs.iter_mut().find(|p| p.name == name) {
+                if old.child.try_wait()?.is_none() {
+                    bail!("the agent of {node} is already running");
+                }
+            }
+            procs.retain(|p| p.name != name);
+        }
         // A restarted agent logs to the same file name; keep the old log.
         let log = self.dir.join(format!("{name}.log"));
         if log.exists() {
@@ -947,10 +956,6 @@ impl Topology {
             }
             std::fs::rename(&log, self.dir.join(format!("{name}.{i}.log")))?;
         }
-        self.procs
-            .lock()
-            .unwrap()
-            .retain(|p| p.name != name || p.agent_of.is_none());
         self.spawn_raw(&name, &argv, Some(node))
     }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 use lb_tests::privilege::privileged;
 use lb_tests::topology::{
     endpoint_slice_yaml, manifest, service_yaml, Endpoint, Frontend, ServicePort, Topology,
+    EXTERNAL_IP,
 };
 
 const WARMUP: Duration = Duration::from_secs(10);
@@ -233,7 +234,7 @@ fn f4_m2_node_port_from_external_client() {
         assert_eq!(r.backend, "web1", "{}", r.raw);
         assert_eq!(
             *r.client.ip(),
-            lb_tests::topology::EXTERNAL_IP,
+            EXTERNAL_IP,
             "F4: a local backend sees the external client's address: {}",
             r.raw
         );
@@ -469,4 +470,195 @@ fn manifest_edit_applies_live_and_keeps_open_connections() {
     );
     let r = conn.send("still").unwrap();
     assert_eq!(r.backend, keep);
+}
+
+/// F5: an externalIP that no node owns works from a pod (the DNAT happens at
+/// the pod's interface; client pod IP kept) and from the external client
+/// routed to node1 when the backend is on node1 (client IP kept).
+#[test]
+fn f5_external_ip_from_pod_and_external_client() {
+    if !privileged("f5_external_ip_from_pod_and_external_client") {
+        return;
+    }
+    let t = two_nodes(&["client1", "web1"], &["web2"]);
+    t.spawn_backend("web1", &["http:8080"]).unwrap();
+    t.spawn_backend("web2", &["http:8080"]).unwrap();
+    let (web1, web2) = (t.pod("web1"), t.pod("web2"));
+    let both_ip = Ipv4Addr::new(203, 0, 113, 10);
+    let local_ip = Ipv4Addr::new(203, 0, 113, 11);
+    let http = [ServicePort::tcp("http", 80, 8080)];
+    let slice_ports = [("http", "TCP", 8080)];
+    let m = manifest(&[
+        service_yaml(
+            "ext-both",
+            "ClusterIP",
+            Ipv4Addr::new(10, 96, 0, 50),
+            &http,
+            &format!("  externalIPs:\n  - {both_ip}\n"),
+        ),
+        endpoint_slice_yaml(
+            "ext-both",
+            "ext-both-1",
+            &slice_ports,
+            &[Endpoint::of(web1), Endpoint::of(web2)],
+        ),
+        service_yaml(
+            "ext-local",
+            "ClusterIP",
+            Ipv4Addr::new(10, 96, 0, 51),
+            &http,
+            &format!("  externalIPs:\n  - {local_ip}\n"),
+        ),
+        endpoint_slice_yaml(
+            "ext-local",
+            "ext-local-1",
+            &slice_ports,
+            &[Endpoint::of(web1)],
+        ),
+    ]);
+    t.start_agents(&m).unwrap();
+    t.wait_for_backends(
+        "node1",
+        &Frontend::tcp(both_ip, 80),
+        &[sa(web1.ip, 8080), sa(web2.ip, 8080)],
+    )
+    .unwrap();
+    t.wait_for_backends("node1", &Frontend::tcp(local_ip, 80), &[sa(web1.ip, 8080)])
+        .unwrap();
+
+    let client_ip = t.pod("client1").ip;
+    let url = format!("http://{both_ip}/");
+    t.request_eventually("client1", &url, WARMUP).unwrap();
+    let mut seen = BTreeSet::new();
+    for _ in 0..10 {
+        let r = t.request("client1", &url).unwrap();
+        assert_eq!(*r.client.ip(), client_ip, "{}", r.raw);
+        seen.insert(r.backend);
+    }
+    assert!(seen.iter().all(|b| b == "web1" || b == "web2"), "{seen:?}");
+
+    // The external client's route to the external IP points at node1 (as a
+    // router in front of the cluster would); it stays inside the topology.
+    t.add_route("ext", &format!("{local_ip}/32"), t.node("node1").address)
+        .unwrap();
+    let url = format!("http://{local_ip}/");
+    t.request_eventually("ext", &url, WARMUP).unwrap();
+    for _ in 0..3 {
+        let r = t.request("ext", &url).unwrap();
+        assert_eq!(r.backend, "web1", "{}", r.raw);
+        assert_eq!(*r.client.ip(), EXTERNAL_IP, "{}", r.raw);
+    }
+}
+
+/// M2 for externalIPs: external client -> externalIP routed to node1, the only
+/// backend on node2: the flow is SNATed to node1's address, so the reply comes
+/// back through node1.
+#[test]
+#[ignore = "datapath bug: SNATs to the external IP instead of the node's address, so the reply is lost"]
+fn m2_external_ip_remote_backend_snat_to_node() {
+    if !privileged("m2_external_ip_remote_backend_snat_to_node") {
+        return;
+    }
+    let t = two_nodes(&["web1"], &["web2"]);
+    t.spawn_backend("web2", &["http:8080"]).unwrap();
+    let web2 = t.pod("web2");
+    let external_ip = Ipv4Addr::new(203, 0, 113, 12);
+    let m = manifest(&[
+        service_yaml(
+            "ext-remote",
+            "ClusterIP",
+            Ipv4Addr::new(10, 96, 0, 52),
+            &[ServicePort::tcp("http", 80, 8080)],
+            &format!("  externalIPs:\n  - {external_ip}\n"),
+        ),
+        endpoint_slice_yaml(
+            "ext-remote",
+            "ext-remote-1",
+            &[("http", "TCP", 8080)],
+            &[Endpoint::of(web2)],
+        ),
+    ]);
+    t.start_agents(&m).unwrap();
+    t.wait_for_backends(
+        "node1",
+        &Frontend::tcp(external_ip, 80),
+        &[sa(web2.ip, 8080)],
+    )
+    .unwrap();
+    let node1 = t.node("node1").address;
+    t.add_route("ext", &format!("{external_ip}/32"), node1)
+        .unwrap();
+    let url = format!("http://{external_ip}/");
+    t.request_eventually("ext", &url, WARMUP).unwrap();
+    for _ in 0..3 {
+        let r = t.request("ext", &url).unwrap();
+        assert_eq!(r.backend, "web2", "{}", r.raw);
+        assert_eq!(*r.client.ip(), node1, "M2: SNAT to the node: {}", r.raw);
+    }
+}
+
+/// A restarted agent adopts the pinned maps and links: an established
+/// connection survives the restart (conntrack kept), and new flows work both
+/// while no agent runs and after the new agent is up.
+#[test]
+fn agent_restart_keeps_established_connections() {
+    if !privileged("agent_restart_keeps_established_connections") {
+        return;
+    }
+    let t = two_nodes(&["client1", "web1"], &["web2"]);
+    t.spawn_backend("web1", &["http:8080", "tcp:9000"]).unwrap();
+    t.spawn_backend("web2", &["http:8080", "tcp:9000"]).unwrap();
+    let (web1, web2) = (t.pod("web1"), t.pod("web2"));
+    let vip = Ipv4Addr::new(10, 96, 0, 60);
+    let m = manifest(&[
+        service_yaml(
+            "web",
+            "ClusterIP",
+            vip,
+            &[
+                ServicePort::tcp("http", 80, 8080),
+                ServicePort::tcp("line", 9000, 9000),
+            ],
+            "",
+        ),
+        endpoint_slice_yaml(
+            "web",
+            "web-1",
+            &[("http", "TCP", 8080), ("line", "TCP", 9000)],
+            &[Endpoint::of(web1), Endpoint::of(web2)],
+        ),
+    ]);
+    t.start_agents(&m).unwrap();
+    t.wait_for_backends(
+        "node1",
+        &Frontend::tcp(vip, 9000),
+        &[sa(web1.ip, 9000), sa(web2.ip, 9000)],
+    )
+    .unwrap();
+    let url = format!("http://{vip}/");
+    t.request_eventually("client1", &url, WARMUP).unwrap();
+
+    let mut conn = t.connect("client1", sa(vip, 9000)).unwrap();
+    let before = conn.send("before").unwrap();
+
+    t.stop_agent("node1").unwrap();
+    // No agent: the pinned datapath keeps serving.
+    let r = conn.send("no-agent").unwrap();
+    assert_eq!(r.backend, before.backend, "{}", r.raw);
+    t.request("client1", &url).unwrap();
+
+    t.start_agent("node1", &[]).unwrap();
+    t.wait_for_backends(
+        "node1",
+        &Frontend::tcp(vip, 9000),
+        &[sa(web1.ip, 9000), sa(web2.ip, 9000)],
+    )
+    .unwrap();
+    let r = conn.send("after-restart").unwrap();
+    assert_eq!(r.backend, before.backend, "{}", r.raw);
+    assert_eq!(r.client, before.client);
+    for _ in 0..5 {
+        t.request("client1", &url).unwrap();
+    }
+    t.check_running("agent-node1").unwrap();
 }
