@@ -12,6 +12,7 @@ pub mod maps;
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::{FdLink, PinnedLink};
@@ -258,10 +259,8 @@ impl Dataplane {
             info!(interface = %link.name, role = role.as_str(), "detaching");
             for (hook, _, _) in role.hooks() {
                 let pin = self.links_dir().join(link_pin_name(&link, hook));
-                if let Err(e) = std::fs::remove_file(&pin) {
-                    if e.kind() != io::ErrorKind::NotFound {
-                        warn!(pin = %pin.display(), error = %e, "cannot remove link pin");
-                    }
+                if let Err(e) = detach_and_unpin(&pin) {
+                    warn!(error = %error_chain(&e), "cannot remove link pin");
                 }
             }
         }
@@ -387,6 +386,46 @@ impl Dataplane {
     }
 }
 
+/// Detaches a pinned link at once (BPF_LINK_DETACH) and removes its pin.
+///
+/// Removing the pin alone also detaches, but only once the kernel frees the
+/// link, after an RCU grace period and a deferred work item: traffic would
+/// still be translated for a moment after `--cleanup` returned. aya 0.14 has
+/// no link-detach call, hence the two raw bpf(2) commands.
+fn detach_and_unpin(pin: &Path) -> Result<(), DataplaneError> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let path =
+        std::ffi::CString::new(pin.as_os_str().as_bytes()).map_err(|_| DataplaneError::Io {
+            path: pin.display().to_string(),
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        })?;
+    // union bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd (u32), file_flags (u32).
+    let mut get = [0u64; 2];
+    get[0] = path.as_ptr() as u64;
+    // SAFETY: attr is a valid, zero-padded bpf_attr prefix of the given size.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, get.as_ptr(), 16usize) };
+    if fd >= 0 {
+        // SAFETY: the kernel returned a new descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // link_detach: link_fd (u32).
+        let detach = [fd.as_raw_fd() as u32, 0];
+        // SAFETY: attr is a valid bpf_attr prefix of the given size.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, detach.as_ptr(), 8usize) };
+        if rc != 0 {
+            // A link whose interface is gone is already detached.
+            debug!(pin = %pin.display(), error = %io::Error::last_os_error(), "link detach");
+        }
+    }
+    match std::fs::remove_file(pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(pin)(e)),
+    }
+}
+
 /// `lb-agent --cleanup`: detach and unpin everything under `dir`.
 pub fn cleanup(dir: &Path) -> Result<(), DataplaneError> {
     if !dir.exists() {
@@ -396,8 +435,7 @@ pub fn cleanup(dir: &Path) -> Result<(), DataplaneError> {
     let links = dir.join(LINKS_DIR);
     if let Ok(entries) = std::fs::read_dir(&links) {
         for e in entries.flatten() {
-            // Removing the last reference to a TCX link detaches it.
-            std::fs::remove_file(e.path()).map_err(io_err(&e.path()))?;
+            detach_and_unpin(&e.path())?;
             info!(pin = %e.path().display(), "detached and unpinned link");
         }
         std::fs::remove_dir(&links).map_err(io_err(&links))?;
