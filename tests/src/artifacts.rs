@@ -35,7 +35,10 @@ pub fn ebpf_object_bytes() -> Vec<u8> {
 }
 
 pub fn lb_agent_bin() -> PathBuf {
-    from_env_or("LB_AGENT_BIN", workspace_root().join("target/release/lb-agent"))
+    from_env_or(
+        "LB_AGENT_BIN",
+        workspace_root().join("target/release/lb-agent"),
+    )
 }
 
 pub fn lbctl_bin() -> PathBuf {

@@ -2,7 +2,7 @@
 //! benchmark: privilege checks, paths of built artifacts, packet builders and
 //! the network-namespace topology.
 
-pub mod privilege;
 pub mod artifacts;
 pub mod packet;
+pub mod privilege;
 pub mod topology;
