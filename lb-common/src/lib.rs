@@ -312,6 +312,68 @@ impl DatapathConfig {
     };
 }
 
+impl DatapathConfig {
+    /// Idle lifetime of a conntrack entry of protocol `proto` with `flags`
+    /// (`ct_flags`). The datapath ignores a FORWARD entry idle for longer; the
+    /// agent's garbage collector deletes it. One definition for both sides.
+    #[inline(always)]
+    pub fn ct_lifetime_ns(&self, proto: u8, flags: u16) -> u64 {
+        if proto == PROTO_UDP {
+            self.ct_udp_ns
+        } else if flags & ct_flags::TCP_ESTABLISHED != 0
+            && flags & (ct_flags::TCP_FIN | ct_flags::TCP_RST) == 0
+        {
+            self.ct_tcp_established_ns
+        } else {
+            self.ct_tcp_transient_ns
+        }
+    }
+}
+
+impl ConntrackKey {
+    /// The key of the other direction of the flow this entry translates.
+    ///
+    /// FORWARD (client, frontend) with entry {nat: backend, snat: node:port if
+    /// SNAT} pairs with REPLY (backend, client) or, SNAT'ed, (backend,
+    /// node:port). REPLY (backend, x) with entry {nat: frontend, snat: client
+    /// if SNAT} pairs with FORWARD (client, frontend).
+    #[inline(always)]
+    pub fn peer(&self, entry: &ConntrackEntry) -> ConntrackKey {
+        let snat = entry.flags & ct_flags::SNAT != 0;
+        if self.dir == CT_DIR_FORWARD {
+            let (daddr, dport) = if snat {
+                (entry.snat_addr, entry.snat_port)
+            } else {
+                (self.saddr, self.sport)
+            };
+            ConntrackKey {
+                saddr: entry.nat_addr,
+                daddr,
+                sport: entry.nat_port,
+                dport,
+                proto: self.proto,
+                dir: CT_DIR_REPLY,
+                _pad: [0; 2],
+            }
+        } else {
+            let (saddr, sport) = if snat {
+                (entry.snat_addr, entry.snat_port)
+            } else {
+                (self.daddr, self.dport)
+            };
+            ConntrackKey {
+                saddr,
+                daddr: entry.nat_addr,
+                sport,
+                dport: entry.nat_port,
+                proto: self.proto,
+                dir: CT_DIR_FORWARD,
+                _pad: [0; 2],
+            }
+        }
+    }
+}
+
 impl Default for DatapathConfig {
     fn default() -> Self {
         Self::DEFAULT
@@ -515,6 +577,71 @@ mod tests {
         assert_eq!(
             bytemuck::bytes_of(&c),
             &[1, 1, 1, 1, 2, 2, 2, 2, 0, 1, 0, 2, 6, 1, 0, 0]
+        );
+    }
+
+    #[test]
+    fn conntrack_peer_keys_pair_up() {
+        let client = ipv4_to_net([10, 244, 1, 5]);
+        let vip = ipv4_to_net([10, 96, 0, 10]);
+        let backend = ipv4_to_net([10, 244, 2, 3]);
+        let node = ipv4_to_net([198, 18, 0, 11]);
+        let fwd = ConntrackKey {
+            saddr: client,
+            daddr: vip,
+            sport: port_to_net(40000),
+            dport: port_to_net(80),
+            proto: PROTO_TCP,
+            dir: CT_DIR_FORWARD,
+            _pad: [0; 2],
+        };
+        // Plain DNAT.
+        let fe = ConntrackEntry {
+            nat_addr: backend,
+            nat_port: port_to_net(8080),
+            ..Default::default()
+        };
+        let rev = fwd.peer(&fe);
+        assert_eq!(
+            (rev.saddr, rev.daddr, rev.sport, rev.dport, rev.dir),
+            (backend, client, port_to_net(8080), port_to_net(40000), CT_DIR_REPLY)
+        );
+        let re = ConntrackEntry {
+            nat_addr: vip,
+            nat_port: port_to_net(80),
+            ..Default::default()
+        };
+        assert_eq!(rev.peer(&re), fwd);
+        // DNAT + SNAT to the node.
+        let fe = ConntrackEntry {
+            snat_addr: node,
+            snat_port: port_to_net(61000),
+            flags: ct_flags::SNAT,
+            ..fe
+        };
+        let rev = fwd.peer(&fe);
+        assert_eq!((rev.daddr, rev.dport), (node, port_to_net(61000)));
+        let re = ConntrackEntry {
+            snat_addr: client,
+            snat_port: port_to_net(40000),
+            flags: ct_flags::SNAT,
+            ..re
+        };
+        assert_eq!(rev.peer(&re), fwd);
+    }
+
+    #[test]
+    fn conntrack_lifetimes_follow_protocol_and_state() {
+        let c = DatapathConfig::DEFAULT;
+        assert_eq!(c.ct_lifetime_ns(PROTO_UDP, 0), c.ct_udp_ns);
+        assert_eq!(c.ct_lifetime_ns(PROTO_TCP, ct_flags::TCP_SYN), c.ct_tcp_transient_ns);
+        assert_eq!(
+            c.ct_lifetime_ns(PROTO_TCP, ct_flags::TCP_ESTABLISHED),
+            c.ct_tcp_established_ns
+        );
+        assert_eq!(
+            c.ct_lifetime_ns(PROTO_TCP, ct_flags::TCP_ESTABLISHED | ct_flags::TCP_FIN),
+            c.ct_tcp_transient_ns
         );
     }
 

@@ -47,23 +47,9 @@ pub fn key_of(pkt: &Packet, dir: u8) -> ConntrackKey {
     key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, dir)
 }
 
-/// Idle lifetime of an entry with these flags.
-#[inline(always)]
-fn lifetime(cfg: &DatapathConfig, proto: u8, flags: u16) -> u64 {
-    if proto == PROTO_UDP {
-        cfg.ct_udp_ns
-    } else if flags & ct_flags::TCP_ESTABLISHED != 0
-        && flags & (ct_flags::TCP_FIN | ct_flags::TCP_RST) == 0
-    {
-        cfg.ct_tcp_established_ns
-    } else {
-        cfg.ct_tcp_transient_ns
-    }
-}
-
 #[inline(always)]
 pub fn expired(cfg: &DatapathConfig, proto: u8, entry: &ConntrackEntry, now: u64) -> bool {
-    now.saturating_sub(entry.last_seen_ns) > lifetime(cfg, proto, entry.flags)
+    now.saturating_sub(entry.last_seen_ns) > cfg.ct_lifetime_ns(proto, entry.flags)
 }
 
 /// A UDP flow whose backend is gone (or whose backend id now names another
@@ -143,25 +129,7 @@ pub fn touch_forward(ptr: *mut ConntrackEntry, entry: &ConntrackEntry, pkt: &Pac
     }
     if flags != entry.flags {
         // The REPLY key, as the backend's answer will look.
-        let reply = if entry.flags & ct_flags::SNAT != 0 {
-            key(
-                entry.nat_addr,
-                entry.snat_addr,
-                entry.nat_port,
-                entry.snat_port,
-                pkt.proto,
-                CT_DIR_REPLY,
-            )
-        } else {
-            key(
-                entry.nat_addr,
-                pkt.saddr,
-                entry.nat_port,
-                pkt.sport,
-                pkt.proto,
-                CT_DIR_REPLY,
-            )
-        };
+        let reply = key_of(pkt, CT_DIR_FORWARD).peer(entry);
         mirror_bits(&reply, flags & !entry.flags);
     }
 }
@@ -180,25 +148,7 @@ pub fn touch_reply(ptr: *mut ConntrackEntry, entry: &ConntrackEntry, pkt: &Packe
     }
     if flags != entry.flags {
         // The FORWARD key, as the client sent it.
-        let forward = if entry.flags & ct_flags::SNAT != 0 {
-            key(
-                entry.snat_addr,
-                entry.nat_addr,
-                entry.snat_port,
-                entry.nat_port,
-                pkt.proto,
-                CT_DIR_FORWARD,
-            )
-        } else {
-            key(
-                pkt.daddr,
-                entry.nat_addr,
-                pkt.dport,
-                entry.nat_port,
-                pkt.proto,
-                CT_DIR_FORWARD,
-            )
-        };
+        let forward = key_of(pkt, CT_DIR_REPLY).peer(entry);
         mirror_bits(&forward, flags & !entry.flags);
     }
 }

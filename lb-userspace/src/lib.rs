@@ -5,6 +5,7 @@
 //! Side: `inspect` (lbctl's views), `netlink` (interfaces and addresses).
 
 pub mod agent;
+pub mod conntrack_gc;
 pub mod dataplane;
 pub mod inspect;
 pub mod manifest;

@@ -20,7 +20,8 @@ fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
 }
 
-/// One node with a client pod and two backend pods (http:8080, line:9000).
+/// One node with a client pod and two backend pods (http:8080, TCP and UDP
+/// line echo on 9000).
 fn one_node() -> Topology {
     let t = Topology::builder()
         .node("node1", &["client1", "web1", "web2"])
@@ -28,7 +29,8 @@ fn one_node() -> Topology {
         .build()
         .expect("building the topology");
     for w in ["web1", "web2"] {
-        t.spawn_backend(w, &["http:8080", "tcp:9000"]).unwrap();
+        t.spawn_backend(w, &["http:8080", "tcp:9000", "udp:9000"])
+            .unwrap();
     }
     t
 }
@@ -37,6 +39,7 @@ fn web_manifest(t: &Topology, pods: &[&str]) -> String {
     let ports = [
         ServicePort::tcp("http", 80, 8080),
         ServicePort::tcp("line", 9000, 9000),
+        ServicePort::udp("echo", 9000, 9000),
     ];
     let eps: Vec<Endpoint> = pods.iter().map(|p| Endpoint::of(t.pod(p))).collect();
     manifest(&[
@@ -44,7 +47,11 @@ fn web_manifest(t: &Topology, pods: &[&str]) -> String {
         endpoint_slice_yaml(
             "web",
             "web-1",
-            &[("http", "TCP", 8080), ("line", "TCP", 9000)],
+            &[
+                ("http", "TCP", 8080),
+                ("line", "TCP", 9000),
+                ("echo", "UDP", 9000),
+            ],
             &eps,
         ),
     ])
@@ -314,4 +321,60 @@ fn cleanup_detaches_and_unpins_everything() {
         .request("client1", &format!("http://{web1}:8080/"))
         .unwrap();
     assert_eq!(r.backend, "web1");
+}
+
+/// The agent deletes idle conntrack entries, both directions of a flow
+/// together, after the configured timeout; an open TCP flow stays.
+#[test]
+fn idle_conntrack_entries_are_collected() {
+    if !privileged("idle_conntrack_entries_are_collected") {
+        return;
+    }
+    let t = one_node();
+    let web1 = t.pod("web1").ip;
+    t.write_manifests(&web_manifest(&t, &["web1"])).unwrap();
+    t.start_agent(
+        "node1",
+        &[
+            "--conntrack-udp-timeout",
+            "2s",
+            "--conntrack-gc-interval",
+            "1s",
+        ],
+    )
+    .unwrap();
+    t.wait_for_backends("node1", &Frontend::udp(VIP, 9000), &[sa(web1, 9000)])
+        .unwrap();
+    t.request_eventually("client1", &format!("http://{VIP}/"), WARMUP)
+        .unwrap();
+    let mut conn = t.connect("client1", sa(VIP, 9000)).unwrap();
+    conn.send("hello").unwrap();
+    let r = t
+        .socat_line("client1", "udp", sa(VIP, 9000), "ping")
+        .unwrap();
+    assert_eq!((r.backend.as_str(), r.proto.as_str()), ("web1", "udp"));
+
+    let count = |proto: &str| -> usize {
+        let ct = t.lbctl_json("node1", "conntrack").unwrap();
+        ct.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["protocol"] == proto)
+            .count()
+    };
+    assert_eq!(
+        count("UDP"),
+        2,
+        "the UDP flow has no entries in both directions"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while count("UDP") > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "idle UDP entries were not collected"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(count("TCP") >= 2, "the open TCP flow lost its entries");
+    conn.send("still").unwrap();
 }

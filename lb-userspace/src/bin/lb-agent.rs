@@ -16,9 +16,9 @@ use clap::Parser;
 use ipnet::Ipv4Net;
 use lb_common::DatapathConfig;
 use lb_userspace::agent::{interfaces_to_attach, nodeport_addrs, parse_cidrs};
-use lb_userspace::dataplane::{self, Dataplane};
+use lb_userspace::dataplane::{self, DatapathMaps, Dataplane};
 use lb_userspace::state::{DesiredState, MapContents};
-use lb_userspace::{manifest, model, netlink, sync};
+use lb_userspace::{conntrack_gc, inspect, manifest, model, netlink, sync};
 use regex::Regex;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
@@ -53,6 +53,19 @@ struct Args {
     /// How often the manifest and the interfaces are re-checked.
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     poll_interval: Duration,
+    /// Idle timeout of an established TCP flow (kube-proxy's
+    /// --conntrack-tcp-timeout-established).
+    #[arg(long, default_value = "6h", value_parser = parse_duration)]
+    conntrack_tcp_established_timeout: Duration,
+    /// Idle timeout of a TCP flow that is opening or closing.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    conntrack_tcp_transient_timeout: Duration,
+    /// Idle timeout of a UDP flow (kube-proxy's --conntrack-udp-timeout).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    conntrack_udp_timeout: Duration,
+    /// How often idle conntrack entries are deleted.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    conntrack_gc_interval: Duration,
     /// Detach and unpin everything under --bpffs, then exit.
     #[arg(long)]
     cleanup: bool,
@@ -67,7 +80,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
-        _ => Err(format!("bad duration {s:?}: use e.g. 500ms or 2s")),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("bad duration {s:?}: use e.g. 500ms, 30s, 5m or 6h")),
     }
 }
 
@@ -279,7 +294,13 @@ async fn run(
     pod_pattern: Regex,
     nodeport_cidrs: Vec<Ipv4Net>,
 ) -> Result<()> {
-    let dp = Dataplane::load(&args.bpffs, &DatapathConfig::DEFAULT)
+    let config = DatapathConfig {
+        ct_tcp_established_ns: args.conntrack_tcp_established_timeout.as_nanos() as u64,
+        ct_tcp_transient_ns: args.conntrack_tcp_transient_timeout.as_nanos() as u64,
+        ct_udp_ns: args.conntrack_udp_timeout.as_nanos() as u64,
+        ..DatapathConfig::DEFAULT
+    };
+    let dp = Dataplane::load(&args.bpffs, &config)
         .with_context(|| format!("loading the datapath into {}", args.bpffs.display()))?;
     // Start from what is in the maps (an earlier agent's work): the first
     // apply is a diff against it, never a flush.
@@ -311,12 +332,20 @@ async fn run(
     spawn_netlink_watcher(changed.clone())?;
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut datapath_maps =
+        DatapathMaps::open_pinned(&args.bpffs).context("opening the conntrack map")?;
     let mut tick = tokio::time::interval(args.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut gc_tick = tokio::time::interval(args.conntrack_gc_interval);
+    gc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = changed.notified() => debug!("netlink change"),
+            _ = gc_tick.tick() => {
+                collect_conntrack(&mut datapath_maps, &config);
+                continue;
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -324,6 +353,29 @@ async fn run(
     }
     info!(bpffs = %args.bpffs.display(), "stopping; programs stay attached and maps stay pinned for the next agent");
     Ok(())
+}
+
+/// Deletes idle conntrack entries (both directions of a flow together).
+fn collect_conntrack(maps: &mut DatapathMaps<aya::maps::MapData>, config: &DatapathConfig) {
+    let entries = match maps.conntrack_entries() {
+        Ok(e) => e,
+        Err(e) => {
+            warn!(error = %dataplane::error_chain(&e), "conntrack scan failed");
+            return;
+        }
+    };
+    let expired = conntrack_gc::expired_keys(&entries, config, inspect::boottime_ns());
+    if expired.is_empty() {
+        return;
+    }
+    match maps.delete_conntrack(&expired) {
+        Ok(n) => debug!(
+            deleted = n,
+            total = entries.len(),
+            "conntrack entries expired"
+        ),
+        Err(e) => warn!(error = %dataplane::error_chain(&e), "conntrack cleanup failed"),
+    }
 }
 
 /// Wakes the loop when links or addresses change (a pod's veth appears).

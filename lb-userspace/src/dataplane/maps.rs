@@ -171,6 +171,21 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
+impl<T: BorrowMut<MapData>> DatapathMaps<T> {
+    /// Deletes conntrack entries; ones already gone (LRU eviction, or the
+    /// datapath replaced them) are fine. Returns how many were deleted.
+    pub fn delete_conntrack(&mut self, keys: &[ConntrackKey]) -> Result<usize, MapsError> {
+        let mut n = 0;
+        for k in keys {
+            match ignore_missing(self.conntrack.remove(k)) {
+                Ok(()) => n += 1,
+                Err(e) => return Err(err(map_names::CONNTRACK)(e)),
+            }
+        }
+        Ok(n)
+    }
+}
+
 impl<T: Borrow<MapData>> DatapathMaps<T> {
     /// All conntrack entries (a snapshot; entries can change while reading).
     pub fn conntrack_entries(&self) -> Result<Vec<(ConntrackKey, ConntrackEntry)>, MapsError> {
