@@ -94,7 +94,7 @@ mod tests {
     fn idle_forward_entries_go_with_their_reply() {
         let cfg = DatapathConfig::DEFAULT; // UDP 60 s
         let now = 1_000 * S;
-        let mut entries = flow(PROTO_UDP, 1000, 0, now - 61 * S, now - 1 * S);
+        let mut entries = flow(PROTO_UDP, 1000, 0, now - 61 * S, now - S);
         entries.extend(flow(PROTO_UDP, 1001, 0, now - 59 * S, now - 100 * S));
         let keys = expired_keys(&entries, &cfg, now);
         assert_eq!(keys.len(), 2, "{keys:?}");
@@ -131,7 +131,7 @@ mod tests {
     fn orphan_reply_goes_only_when_idle() {
         let cfg = DatapathConfig::DEFAULT;
         let now = 1_000 * S;
-        let fresh = flow(PROTO_UDP, 1000, 0, now, now - 1 * S);
+        let fresh = flow(PROTO_UDP, 1000, 0, now, now - S);
         let stale = flow(PROTO_UDP, 1001, 0, now, now - 61 * S);
         // Only the REPLY halves: their FORWARD peers are gone.
         let entries = vec![fresh[1], stale[1]];
