@@ -27,7 +27,9 @@ pub mod map_names {
     pub const STATS: &str = "LB_STATS";
     /// Userspace-only: service id -> human readable name, for lbctl.
     pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
-    pub const ALL: [&str; 8] = [
+    /// Uplink ifindex -> its primary IPv4 address (SNAT source).
+    pub const UPLINK_ADDRS: &str = "LB_UPLINK_ADDRS";
+    pub const ALL: [&str; 9] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -36,6 +38,7 @@ pub mod map_names {
         NODE_ADDRS,
         STATS,
         SERVICE_NAMES,
+        UPLINK_ADDRS,
     ];
 }
 
@@ -60,6 +63,7 @@ pub const MAX_BACKEND_SLOTS: u32 = 524_288;
 pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_NODE_ADDRS: u32 = 256;
+pub const MAX_UPLINKS: u32 = 64;
 
 /// Most backends one service port may have in its cluster-wide set (and,
 /// separately, in its node-local set). Bounded so slot indices stay small.
@@ -241,6 +245,16 @@ pub struct NodeAddrValue {
     pub flags: u32,
 }
 
+/// The address flows SNAT'ed on an uplink get as source when the client did
+/// not address the node itself (externalIPs and LoadBalancer IPs the node does
+/// not own): the uplink's primary IPv4 address, network byte order. Keyed by
+/// the uplink's ifindex.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct UplinkAddr {
+    pub addr: u32,
+}
+
 /// Human-readable name of a service port (`namespace/name:port/PROTO`), for
 /// lbctl. Written by the agent, never read by the datapath.
 pub const SERVICE_NAME_LEN: usize = 124;
@@ -420,9 +434,11 @@ pub enum StatReason {
     Redirected = 16,
     /// Conntrack entry found but expired; treated as a new flow.
     ConntrackExpired = 17,
+    /// Dropped: a flow to SNAT arrived on an uplink with no known address.
+    DropNoSnatAddress = 18,
 }
 
-pub const STAT_COUNT: u32 = 18;
+pub const STAT_COUNT: u32 = 19;
 
 impl StatReason {
     pub const ALL: [StatReason; STAT_COUNT as usize] = [
@@ -444,6 +460,7 @@ impl StatReason {
         StatReason::DropFibFailed,
         StatReason::Redirected,
         StatReason::ConntrackExpired,
+        StatReason::DropNoSnatAddress,
     ];
 
     /// Stable snake_case name (lbctl output, metrics labels).
@@ -467,6 +484,7 @@ impl StatReason {
             StatReason::DropFibFailed => "drop_fib_failed",
             StatReason::Redirected => "redirected",
             StatReason::ConntrackExpired => "conntrack_expired",
+            StatReason::DropNoSnatAddress => "drop_no_snat_address",
         }
     }
 
@@ -479,6 +497,7 @@ impl StatReason {
                 | StatReason::DropRewriteFailed
                 | StatReason::DropSnatExhausted
                 | StatReason::DropFibFailed
+                | StatReason::DropNoSnatAddress
         )
     }
 }
@@ -518,6 +537,7 @@ mod user {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for NodeAddrValue {}
+    unsafe impl aya::Pod for UplinkAddr {}
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for DatapathConfig {}
 }
@@ -542,6 +562,7 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<NodeAddrValue>(), 4);
+        assert_eq!(size_of::<UplinkAddr>(), 4);
         assert_eq!(size_of::<ServiceName>(), 128);
         assert_eq!(size_of::<DatapathConfig>(), 32);
     }
@@ -604,7 +625,13 @@ mod tests {
         let rev = fwd.peer(&fe);
         assert_eq!(
             (rev.saddr, rev.daddr, rev.sport, rev.dport, rev.dir),
-            (backend, client, port_to_net(8080), port_to_net(40000), CT_DIR_REPLY)
+            (
+                backend,
+                client,
+                port_to_net(8080),
+                port_to_net(40000),
+                CT_DIR_REPLY
+            )
         );
         let re = ConntrackEntry {
             nat_addr: vip,
@@ -634,7 +661,10 @@ mod tests {
     fn conntrack_lifetimes_follow_protocol_and_state() {
         let c = DatapathConfig::DEFAULT;
         assert_eq!(c.ct_lifetime_ns(PROTO_UDP, 0), c.ct_udp_ns);
-        assert_eq!(c.ct_lifetime_ns(PROTO_TCP, ct_flags::TCP_SYN), c.ct_tcp_transient_ns);
+        assert_eq!(
+            c.ct_lifetime_ns(PROTO_TCP, ct_flags::TCP_SYN),
+            c.ct_tcp_transient_ns
+        );
         assert_eq!(
             c.ct_lifetime_ns(PROTO_TCP, ct_flags::TCP_ESTABLISHED),
             c.ct_tcp_established_ns

@@ -143,9 +143,18 @@ fn new_flow(
         Ok(b) => b,
         Err(reason) => return drop(reason),
     };
-    // Traffic from outside to a backend on another node is SNAT'ed to the
-    // node address the client used, so the reply comes back here (M2).
+    // Traffic from outside to a backend on another node is SNAT'ed to a node
+    // address, so the reply comes back here (M2).
     let snat = hook == Hook::Uplink && be.flags & backend_flags::LOCAL == 0;
+    let node_addr = if snat {
+        // SAFETY: the context's skb is valid for the program's run.
+        match service::snat_source(pkt, unsafe { (*ctx.skb.skb).ifindex }) {
+            Some(a) => a,
+            None => return drop(StatReason::DropNoSnatAddress),
+        }
+    } else {
+        0
+    };
     let flags = conntrack::tcp_bits(pkt) | if snat { ct_flags::SNAT } else { 0 };
 
     let mut fwd = ConntrackEntry {
@@ -169,13 +178,13 @@ fn new_flow(
     let rkey = if snat {
         rev.snat_addr = pkt.saddr;
         rev.snat_port = pkt.sport;
-        let port = match conntrack::claim_snat_port(cfg, &be, pkt.daddr, pkt.proto, &rev) {
+        let port = match conntrack::claim_snat_port(cfg, &be, node_addr, pkt.proto, &rev) {
             Ok(p) => p,
             Err(reason) => return drop(reason),
         };
-        fwd.snat_addr = pkt.daddr;
+        fwd.snat_addr = node_addr;
         fwd.snat_port = port;
-        conntrack::key(be.addr, pkt.daddr, be.port, port, pkt.proto, CT_DIR_REPLY)
+        conntrack::key(be.addr, node_addr, be.port, port, pkt.proto, CT_DIR_REPLY)
     } else {
         let k = conntrack::key(
             be.addr,

@@ -12,9 +12,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, BackendSlot, BackendSlotKey, BackendValue, ConntrackEntry,
-    ConntrackKey, DatapathConfig, NodeAddrValue, ServiceKey, ServiceName, ServiceValue,
+    ConntrackKey, DatapathConfig, NodeAddrValue, ServiceKey, ServiceName, ServiceValue, UplinkAddr,
     MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_NODE_ADDRS, MAX_SERVICES,
-    STAT_COUNT,
+    MAX_UPLINKS, STAT_COUNT,
 };
 
 /// Maps written only by the agent are allocated on demand: preallocating
@@ -55,6 +55,11 @@ pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as
 /// This node's addresses (network order) for NodePort matching.
 #[btf_map]
 pub static LB_NODE_ADDRS: HashMap<u32, NodeAddrValue, { MAX_NODE_ADDRS as usize }> = HashMap::new();
+
+/// Uplink ifindex -> its primary address: the SNAT source for flows whose
+/// frontend is not a node address (externalIPs, LoadBalancer IPs).
+#[btf_map]
+pub static LB_UPLINK_ADDRS: HashMap<u32, UplinkAddr, { MAX_UPLINKS as usize }> = HashMap::new();
 
 /// Per-CPU counters indexed by `lb_common::StatReason`.
 #[btf_map]

@@ -4,7 +4,7 @@
 use lb_common::{ServiceKey, ServiceValue, SCOPE_EXACT, SCOPE_NODEPORT};
 
 use crate::{
-    maps::{LB_NODE_ADDRS, LB_SERVICES},
+    maps::{LB_NODE_ADDRS, LB_SERVICES, LB_UPLINK_ADDRS},
     parse::Packet,
 };
 
@@ -36,4 +36,20 @@ pub fn lookup(pkt: &Packet) -> Option<ServiceValue> {
         proto: pkt.proto,
         scope: SCOPE_NODEPORT,
     })
+}
+
+/// The source address for SNAT'ing a new flow that arrived on uplink
+/// `ifindex`: the frontend address itself when it is one of this node's
+/// addresses (NodePort: the reply must come from what the client addressed),
+/// otherwise the uplink's own address (an externalIP or LoadBalancer IP the
+/// node does not own would not route back here).
+#[inline(always)]
+pub fn snat_source(pkt: &Packet, ifindex: u32) -> Option<u32> {
+    if LB_NODE_ADDRS.get_ptr(pkt.daddr).is_some() {
+        return Some(pkt.daddr);
+    }
+    // SAFETY: a valid map value pointer; copied out at once.
+    LB_UPLINK_ADDRS
+        .get_ptr(ifindex)
+        .map(|a| unsafe { (*a).addr })
 }

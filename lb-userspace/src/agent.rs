@@ -44,6 +44,24 @@ pub fn nodeport_addrs(addrs: &[InterfaceAddr], cidrs: &[Ipv4Net]) -> BTreeSet<Ip
         .collect()
 }
 
+/// The SNAT source of each uplink: its first primary IPv4 address.
+pub fn uplink_addrs(
+    attached: &BTreeMap<Link, Role>,
+    addrs: &[InterfaceAddr],
+) -> BTreeMap<u32, Ipv4Addr> {
+    attached
+        .iter()
+        .filter(|(_, r)| **r == Role::Uplink)
+        .filter_map(|(l, _)| {
+            let mine = addrs
+                .iter()
+                .filter(|a| a.index == l.index && !a.addr.is_loopback());
+            let primary = mine.clone().find(|a| !a.secondary);
+            primary.or(mine.clone().next()).map(|a| (l.index, a.addr))
+        })
+        .collect()
+}
+
 /// Parses `--nodeport-addresses` (comma-separated IPv4 CIDRs).
 pub fn parse_cidrs(s: &str) -> Result<Vec<Ipv4Net>, String> {
     s.split(',')
@@ -97,6 +115,7 @@ mod tests {
         let a = |i, s: &str| InterfaceAddr {
             index: i,
             addr: s.parse().unwrap(),
+            secondary: false,
         };
         let addrs = [a(1, "127.0.0.1"), a(2, "198.18.0.11"), a(3, "10.244.1.1")];
         let all = nodeport_addrs(&addrs, &[]);
@@ -111,6 +130,31 @@ mod tests {
         assert_eq!(
             only.into_iter().collect::<Vec<_>>(),
             vec!["198.18.0.11".parse::<Ipv4Addr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn uplink_snat_address_is_the_primary_one() {
+        let a = |i, s: &str, secondary| InterfaceAddr {
+            index: i,
+            addr: s.parse().unwrap(),
+            secondary,
+        };
+        let attached: BTreeMap<Link, Role> = [
+            (link(2, "eth0"), Role::Uplink),
+            (link(3, "veth1"), Role::Pod),
+            (link(4, "eth1"), Role::Uplink),
+        ]
+        .into();
+        let addrs = [
+            a(2, "198.18.0.5", true),
+            a(2, "198.18.0.11", false),
+            a(3, "10.244.1.1", false),
+        ];
+        let got = uplink_addrs(&attached, &addrs);
+        assert_eq!(
+            got.into_iter().collect::<Vec<_>>(),
+            vec![(2, "198.18.0.11".parse::<Ipv4Addr>().unwrap())]
         );
     }
 

@@ -40,6 +40,8 @@ pub struct Link {
 pub struct InterfaceAddr {
     pub index: u32,
     pub addr: Ipv4Addr,
+    /// IFA_F_SECONDARY: not the interface's primary address in its subnet.
+    pub secondary: bool,
 }
 
 const NLMSG_HDR_LEN: usize = 16;
@@ -63,6 +65,7 @@ const RTMSG_LEN: usize = 12;
 const RTA_OIF: u16 = 4;
 const RT_TABLE_MAIN: u8 = 254;
 const IFADDRMSG_LEN: usize = 8;
+const IFA_F_SECONDARY: u8 = 0x01;
 
 fn align4(n: usize) -> usize {
     (n + 3) & !3
@@ -203,6 +206,7 @@ fn parse_addr(payload: &[u8]) -> Option<InterfaceAddr> {
     if *payload.first()? != libc::AF_INET as u8 {
         return None;
     }
+    let secondary = payload.get(2)? & IFA_F_SECONDARY != 0;
     let index = u32::from_ne_bytes(payload.get(4..8)?.try_into().ok()?);
     let mut local = None;
     let mut address = None;
@@ -219,6 +223,7 @@ fn parse_addr(payload: &[u8]) -> Option<InterfaceAddr> {
     Some(InterfaceAddr {
         index,
         addr: Ipv4Addr::from(octets),
+        secondary,
     })
 }
 
@@ -350,7 +355,8 @@ mod tests {
             parse_addr(&p),
             Some(InterfaceAddr {
                 index: 3,
-                addr: Ipv4Addr::new(10, 0, 0, 1)
+                addr: Ipv4Addr::new(10, 0, 0, 1),
+                secondary: false,
             })
         );
         p[0] = libc::AF_INET6 as u8;

@@ -218,6 +218,13 @@ impl Dp {
         m.insert(net(a), NodeAddrValue { flags: 0 }, 0).unwrap();
     }
 
+    fn set_uplink_addr(&mut self, ifindex: u32, a: Ipv4Addr) {
+        let mut m: HashMap<_, u32, lb_common::UplinkAddr> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::UPLINK_ADDRS).unwrap()).unwrap();
+        m.insert(ifindex, lb_common::UplinkAddr { addr: net(a) }, 0)
+            .unwrap();
+    }
+
     fn add_backend(&mut self, id: u32, addr: SocketAddrV4, proto: u8, flags: u8) {
         self.backends()
             .insert(
@@ -1815,6 +1822,65 @@ fn m2_uplink_nodeport_to_remote_backend_snats_and_drops_without_route() {
             (StatReason::NewFlow, 1),
             (StatReason::DropFibFailed, 1),
         ]);
+    });
+}
+
+/// M2 for an externalIP the node does not own: the SNAT source is the
+/// uplink's own address (LB_UPLINK_ADDRS), not the external IP, or the reply
+/// would never come back through this node. With no address known for the
+/// uplink the flow is dropped and counted, and nothing is half-created.
+#[test]
+fn m2_external_ip_to_remote_backend_snats_to_the_uplink_address() {
+    if !lb_tests::privilege::privileged(
+        "m2_external_ip_to_remote_backend_snats_to_the_uplink_address",
+    ) {
+        return;
+    }
+    in_netns(|| {
+        let mut dp = Dp::load();
+        let ext_ip = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 12), 80);
+        dp.add_backend(71, sa(BACKEND_2), PROTO_TCP, 0);
+        dp.set_slot(7, 0, 71);
+        dp.add_frontend(
+            exact_key(ext_ip, PROTO_TCP),
+            ServiceValue {
+                service_id: 7,
+                backend_count: 1,
+                flags: service_flags::EXTERNAL_IP,
+                ..ServiceValue::default()
+            },
+        );
+        let lo = 1;
+        let syn = tcp(sa(EXTERNAL), ext_ip, TCP_SYN).build();
+        let r = dp.run_on(UPLINK_INGRESS, &syn, lo);
+        assert_eq!(r.ret, TC_ACT_SHOT);
+        assert!(dp.ct_all().is_empty(), "entries of a dropped flow");
+        dp.assert_stats(&[(StatReason::Packets, 1), (StatReason::DropNoSnatAddress, 1)]);
+
+        dp.set_uplink_addr(lo, NODE);
+        let r = dp.run_on(UPLINK_INGRESS, &syn, lo);
+        // No route in this namespace: dropped at the FIB, but translated.
+        assert_eq!(r.ret, TC_ACT_SHOT);
+        let fwd = dp
+            .ct(&ct_key(sa(EXTERNAL), ext_ip, PROTO_TCP, CT_DIR_FORWARD))
+            .unwrap();
+        assert_eq!(
+            fwd.snat_addr,
+            net(NODE),
+            "SNAT source is not the uplink address"
+        );
+        let port = u16::from_be(fwd.snat_port);
+        let rev = dp
+            .ct(&ct_key(
+                sa(BACKEND_2),
+                SocketAddrV4::new(NODE, port),
+                PROTO_TCP,
+                CT_DIR_REPLY,
+            ))
+            .expect("the reply entry is keyed by the uplink address");
+        assert_eq!((rev.nat_addr, rev.nat_port), (net(*ext_ip.ip()), nport(80)));
+        let want = tcp(SocketAddrV4::new(NODE, port), sa(BACKEND_2), TCP_SYN).with_ttl(63);
+        assert_frame_eq(&r.out, &want.build());
     });
 }
 

@@ -554,7 +554,6 @@ fn f5_external_ip_from_pod_and_external_client() {
 /// backend on node2: the flow is SNATed to node1's address, so the reply comes
 /// back through node1.
 #[test]
-#[ignore = "datapath bug: SNATs to the external IP instead of the node's address, so the reply is lost"]
 fn m2_external_ip_remote_backend_snat_to_node() {
     if !privileged("m2_external_ip_remote_backend_snat_to_node") {
         return;

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ipnet::Ipv4Net;
 use lb_common::DatapathConfig;
-use lb_userspace::agent::{interfaces_to_attach, nodeport_addrs, parse_cidrs};
+use lb_userspace::agent::{interfaces_to_attach, nodeport_addrs, parse_cidrs, uplink_addrs};
 use lb_userspace::dataplane::{self, DatapathMaps, Dataplane};
 use lb_userspace::state::{DesiredState, MapContents};
 use lb_userspace::{conntrack_gc, inspect, manifest, model, netlink, sync};
@@ -135,6 +135,14 @@ impl Agent {
             self.pruned_stale_pins = true;
         }
         let addrs = netlink::list_ipv4_addrs().context("listing addresses")?;
+        let snat = uplink_addrs(self.dp.attached(), &addrs);
+        if self
+            .dp
+            .set_uplink_addrs(&snat)
+            .context("writing uplink addresses")?
+        {
+            info!(uplinks = ?snat, "uplink SNAT addresses");
+        }
         let node_addrs = nodeport_addrs(&addrs, &self.nodeport_cidrs);
         if node_addrs != self.node_addrs {
             info!(addresses = ?node_addrs, "NodePort addresses");

@@ -304,6 +304,37 @@ impl Dataplane {
         &self.attached
     }
 
+    /// Makes LB_UPLINK_ADDRS equal to `want` (ifindex -> address).
+    pub fn set_uplink_addrs(
+        &mut self,
+        want: &BTreeMap<u32, std::net::Ipv4Addr>,
+    ) -> Result<bool, DataplaneError> {
+        let name = map_names::UPLINK_ADDRS;
+        let map = self.ebpf.map_mut(name).ok_or(MapsError::Missing { name })?;
+        let mut map: aya::maps::HashMap<_, u32, lb_common::UplinkAddr> =
+            aya::maps::HashMap::try_from(map).map_err(|source| MapsError::Map { name, source })?;
+        let have: Vec<u32> = map.keys().filter_map(Result::ok).collect();
+        let mut changed = false;
+        for k in have {
+            if !want.contains_key(&k) {
+                map.remove(&k)
+                    .map_err(|source| MapsError::Map { name, source })?;
+                changed = true;
+            }
+        }
+        for (k, a) in want {
+            let v = lb_common::UplinkAddr {
+                addr: lb_common::ipv4_to_net(a.octets()),
+            };
+            if map.get(k, 0).ok() != Some(v) {
+                map.insert(k, v, 0)
+                    .map_err(|source| MapsError::Map { name, source })?;
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
+
     /// Attaches both hooks; true when both were adopted from pins.
     fn attach(&mut self, link: &Link, role: Role) -> Result<bool, DataplaneError> {
         let links_dir = self.links_dir();
