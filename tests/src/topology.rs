@@ -453,44 +453,10 @@ impl Topology {
                 "cni0",
             ])?;
             ip(&["-n", &netns, "link", "set", "cni0", "up"])?;
-            for (k, pod_name) in pods.iter().enumerate() {
-                let host = u8::try_from(k + 2).expect("at most 200 pods");
-                let pod = Pod {
-                    name: pod_name.clone(),
-                    node: name.clone(),
-                    netns: format!("{}{name}-{pod_name}", self.prefix),
-                    ip: Ipv4Addr::new(10, 244, index, host),
-                    host_iface: format!("veth{host}"),
-                };
-                self.add_netns(&pod.netns)?;
-                let h = &pod.host_iface;
-                ip(&[
-                    "-n", &netns, "link", "add", h, "type", "veth", "peer", "name", "eth0",
-                    "netns", &pod.netns,
-                ])?;
-                ip(&["-n", &netns, "link", "set", h, "master", "cni0", "up"])?;
-                ip(&[
-                    "-n",
-                    &pod.netns,
-                    "addr",
-                    "add",
-                    &format!("{}/24", pod.ip),
-                    "dev",
-                    "eth0",
-                ])?;
-                ip(&["-n", &pod.netns, "link", "set", "eth0", "up"])?;
-                ip(&[
-                    "-n",
-                    &pod.netns,
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &node.gateway.to_string(),
-                ])?;
-                self.pods.push(pod);
-            }
             self.nodes.push(node);
+            for pod_name in pods {
+                self.add_pod(name, pod_name)?;
+            }
         }
         // host-gw routes between the nodes' pod CIDRs.
         for a in &self.nodes {
@@ -537,6 +503,68 @@ impl Topology {
                 ],
             )?;
         }
+        Ok(())
+    }
+
+    /// Adds a pod to `node`'s cni0 (also while agents run: they attach to its
+    /// veth as it appears). Pod k of a node gets 10.244.<node>.<k+2>.
+    pub fn add_pod(&mut self, node: &str, name: &str) -> Result<Pod> {
+        if self.pods.iter().any(|p| p.name == name) || self.nodes.iter().any(|n| n.name == name) {
+            bail!("duplicate name {name}");
+        }
+        let n = self.node(node).clone();
+        let used: std::collections::BTreeSet<Ipv4Addr> = self.pods.iter().map(|p| p.ip).collect();
+        let host = (2..=250u8)
+            .find(|h| !used.contains(&Ipv4Addr::new(10, 244, n.index, *h)))
+            .ok_or_else(|| anyhow!("node {node}: no free pod address"))?;
+        let pod = Pod {
+            name: name.to_string(),
+            node: node.to_string(),
+            netns: format!("{}{node}-{name}", self.prefix),
+            ip: Ipv4Addr::new(10, 244, n.index, host),
+            host_iface: format!("veth{host}"),
+        };
+        self.add_netns(&pod.netns)?;
+        let h = &pod.host_iface;
+        ip(&[
+            "-n", &n.netns, "link", "add", h, "type", "veth", "peer", "name", "eth0", "netns",
+            &pod.netns,
+        ])?;
+        ip(&["-n", &n.netns, "link", "set", h, "master", "cni0", "up"])?;
+        ip(&[
+            "-n",
+            &pod.netns,
+            "addr",
+            "add",
+            &format!("{}/24", pod.ip),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &pod.netns, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            &pod.netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &n.gateway.to_string(),
+        ])?;
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// Removes a pod: its processes, its namespace and so its veth.
+    pub fn remove_pod(&mut self, name: &str) -> Result<()> {
+        let i = self
+            .pods
+            .iter()
+            .position(|p| p.name == name)
+            .ok_or_else(|| anyhow!("no pod {name}"))?;
+        let pod = self.pods.remove(i);
+        kill_netns_pids(&pod.netns);
+        ip(&["netns", "del", &pod.netns])?;
+        self.namespaces.retain(|n| n != &pod.netns);
         Ok(())
     }
 

@@ -378,3 +378,65 @@ fn idle_conntrack_entries_are_collected() {
     assert!(count("TCP") >= 2, "the open TCP flow lost its entries");
     conn.send("still").unwrap();
 }
+
+/// Pod interfaces are attached as they appear (netlink) and let go as they
+/// disappear: a pod created after the agent started reaches the ClusterIP,
+/// and its link pins go when its veth goes.
+#[test]
+fn pod_interfaces_are_attached_as_they_appear_and_forgotten_as_they_go() {
+    if !privileged("pod_interfaces_are_attached_as_they_appear_and_forgotten_as_they_go") {
+        return;
+    }
+    let mut t = one_node();
+    let web1 = t.pod("web1").ip;
+    t.start_agents(&web_manifest(&t, &["web1"])).unwrap();
+    t.wait_for_backends("node1", &Frontend::tcp(VIP, 80), &[sa(web1, 8080)])
+        .unwrap();
+    t.request_eventually("client1", &format!("http://{VIP}/"), WARMUP)
+        .unwrap();
+
+    let pod = t.add_pod("node1", "late").unwrap();
+    let links = t.node("node1").bpffs.join("links");
+    let pins_of = |iface: &str| -> usize {
+        std::fs::read_dir(&links)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .ends_with(&format!("-{iface}"))
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pins_of(&pod.host_iface) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{} was not attached; agent log:\n{}",
+            pod.host_iface,
+            t.log("agent-node1")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = t
+        .request_eventually("late", &format!("http://{VIP}/"), WARMUP)
+        .unwrap();
+    assert_eq!((r.backend.as_str(), *r.client.ip()), ("web1", pod.ip));
+
+    t.remove_pod("late").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pins_of(&pod.host_iface) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the pins of {} outlived it",
+            pod.host_iface
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    t.check_running("agent-node1").unwrap();
+    // The other pods are untouched.
+    let r = t.request("client1", &format!("http://{VIP}/")).unwrap();
+    assert_eq!(r.backend, "web1");
+}
