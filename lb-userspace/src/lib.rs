@@ -5,6 +5,7 @@
 //! Side: `inspect` (lbctl's views), `netlink` (interfaces and addresses).
 
 pub mod agent;
+pub mod cluster;
 pub mod conntrack_gc;
 pub mod dataplane;
 pub mod inspect;
@@ -13,3 +14,4 @@ pub mod model;
 pub mod netlink;
 pub mod state;
 pub mod sync;
+pub mod watch;

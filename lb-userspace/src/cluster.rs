@@ -1,0 +1,481 @@
+//! Cluster mode's source: the objects the watchers deliver, kept per Service,
+//! and the per-Service model output they produce.
+//!
+//! A watch event touches one Service (a Service event, or an EndpointSlice
+//! event of the Service named by its `kubernetes.io/service-name` label). Only
+//! that Service is recomputed through the pure model, and only its service
+//! ports are handed to the planner: the cost of an event does not grow with
+//! the number of Services. An initial list or a relist (after 410 Gone or a
+//! reconnect) replaces a whole kind at once; the Services whose objects
+//! differ are marked, and the agent diffs the complete desired state against
+//! the maps: never a flush.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::model::{self, HealthCheck, NodeContext, ObjectError, ObjectKind, LABEL_SERVICE_NAME};
+use crate::state::{DesiredServicePort, DesiredState, ServicePortName};
+
+/// namespace/name of a Service (also the owner key of its slices).
+pub type ServiceRef = (String, String);
+
+fn key_of(meta: &ObjectMeta) -> ServiceRef {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The Service an EndpointSlice belongs to (W3), if it says.
+fn owner_of(slice: &EndpointSlice) -> Option<ServiceRef> {
+    let name = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    Some((
+        slice
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        name.clone(),
+    ))
+}
+
+/// What the model made of one Service and its slices.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceOutput {
+    pub ports: BTreeMap<ServicePortName, DesiredServicePort>,
+    pub health_checks: Vec<HealthCheck>,
+    pub errors: Vec<ObjectError>,
+}
+
+/// What changed since the last [`ClusterCache::take_changes`].
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Service ports to program (`None`: remove).
+    pub ports: BTreeMap<ServicePortName, Option<DesiredServicePort>>,
+    /// A kind was relisted or the node changed: diff everything.
+    pub full: bool,
+    /// Errors not reported before, with the object they are about.
+    pub new_errors: Vec<(ObjectReference, ObjectError)>,
+    /// Services that were recomputed.
+    pub services_touched: usize,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty() && !self.full && self.new_errors.is_empty()
+    }
+}
+
+/// Objects by Service, and the model output per Service.
+#[derive(Debug)]
+pub struct ClusterCache {
+    ctx: NodeContext,
+    services: BTreeMap<ServiceRef, Service>,
+    /// Slices grouped by the Service they belong to, by slice name.
+    slices: BTreeMap<ServiceRef, BTreeMap<String, EndpointSlice>>,
+    /// slice namespace/name -> its owner, to follow label changes and deletes.
+    slice_owner: BTreeMap<ServiceRef, ServiceRef>,
+    outputs: BTreeMap<ServiceRef, ServiceOutput>,
+    dirty: BTreeSet<ServiceRef>,
+    full: bool,
+}
+
+impl ClusterCache {
+    pub fn new(ctx: NodeContext) -> Self {
+        Self {
+            ctx,
+            services: BTreeMap::new(),
+            slices: BTreeMap::new(),
+            slice_owner: BTreeMap::new(),
+            outputs: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            full: true,
+        }
+    }
+
+    pub fn node_context(&self) -> &NodeContext {
+        &self.ctx
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn slice_count(&self) -> usize {
+        self.slice_owner.len()
+    }
+
+    pub fn apply_service(&mut self, svc: Service) {
+        let k = key_of(&svc.metadata);
+        if self.services.get(&k) != Some(&svc) {
+            self.services.insert(k.clone(), svc);
+            self.dirty.insert(k);
+        }
+    }
+
+    pub fn delete_service(&mut self, svc: &Service) {
+        let k = key_of(&svc.metadata);
+        if self.services.remove(&k).is_some() {
+            self.dirty.insert(k);
+        }
+    }
+
+    pub fn apply_slice(&mut self, slice: EndpointSlice) {
+        let k = key_of(&slice.metadata);
+        let owner = owner_of(&slice);
+        // The service-name label can change: the old owner loses the slice.
+        if let Some(old) = self.slice_owner.get(&k).cloned() {
+            if Some(&old) != owner.as_ref() {
+                self.remove_slice_from(&old, &k.1);
+                self.slice_owner.remove(&k);
+                self.dirty.insert(old);
+            }
+        }
+        let Some(owner) = owner else {
+            return; // W3: not attributable; the model would only report it
+        };
+        let group = self.slices.entry(owner.clone()).or_default();
+        if group.get(&k.1) != Some(&slice) {
+            group.insert(k.1.clone(), slice);
+            self.dirty.insert(owner.clone());
+        }
+        self.slice_owner.insert(k, owner);
+    }
+
+    pub fn delete_slice(&mut self, slice: &EndpointSlice) {
+        let k = key_of(&slice.metadata);
+        if let Some(owner) = self.slice_owner.remove(&k) {
+            self.remove_slice_from(&owner, &k.1);
+            self.dirty.insert(owner);
+        }
+    }
+
+    fn remove_slice_from(&mut self, owner: &ServiceRef, name: &str) {
+        if let Some(group) = self.slices.get_mut(owner) {
+            group.remove(name);
+            if group.is_empty() {
+                self.slices.remove(owner);
+            }
+        }
+    }
+
+    /// A complete list of Services (initial list or relist).
+    pub fn replace_services(&mut self, all: Vec<Service>) {
+        let new: BTreeMap<ServiceRef, Service> =
+            all.into_iter().map(|s| (key_of(&s.metadata), s)).collect();
+        for (k, old) in &self.services {
+            if new.get(k) != Some(old) {
+                self.dirty.insert(k.clone());
+            }
+        }
+        for (k, s) in &new {
+            if self.services.get(k) != Some(s) {
+                self.dirty.insert(k.clone());
+            }
+        }
+        self.services = new;
+        self.full = true;
+    }
+
+    /// A complete list of EndpointSlices (initial list or relist).
+    pub fn replace_slices(&mut self, all: Vec<EndpointSlice>) {
+        let old_slices = std::mem::take(&mut self.slices);
+        self.slice_owner.clear();
+        for s in all {
+            let k = key_of(&s.metadata);
+            if let Some(owner) = owner_of(&s) {
+                self.slice_owner.insert(k.clone(), owner.clone());
+                self.slices.entry(owner).or_default().insert(k.1, s);
+            }
+        }
+        let owners: BTreeSet<&ServiceRef> = old_slices.keys().chain(self.slices.keys()).collect();
+        for o in owners {
+            if old_slices.get(o) != self.slices.get(o) {
+                self.dirty.insert(o.clone());
+            }
+        }
+        self.full = true;
+    }
+
+    /// This node's Node object: its zone decides topology hints (E6) for
+    /// every Service.
+    pub fn set_node(&mut self, node: &Node) {
+        let ctx = NodeContext::with_node(self.ctx.node_name.clone(), Some(node));
+        if ctx != self.ctx {
+            self.ctx = ctx;
+            self.dirty.extend(self.services.keys().cloned());
+            self.full = true;
+        }
+    }
+
+    /// Recomputes the dirty Services and returns what changed.
+    pub fn take_changes(&mut self) -> Changes {
+        let mut changes = Changes {
+            full: std::mem::take(&mut self.full),
+            ..Changes::default()
+        };
+        let dirty = std::mem::take(&mut self.dirty);
+        changes.services_touched = dirty.len();
+        for k in dirty {
+            let new = match self.services.get(&k) {
+                Some(svc) => {
+                    let slices: Vec<EndpointSlice> = self
+                        .slices
+                        .get(&k)
+                        .map(|g| g.values().cloned().collect())
+                        .unwrap_or_default();
+                    let out = model::desired_state(&self.ctx, std::slice::from_ref(svc), &slices);
+                    ServiceOutput {
+                        ports: out.state.services,
+                        health_checks: out.health_checks,
+                        errors: out.errors,
+                    }
+                }
+                None => ServiceOutput::default(),
+            };
+            let old = self.outputs.remove(&k).unwrap_or_default();
+            for (name, port) in &new.ports {
+                if old.ports.get(name) != Some(port) {
+                    changes.ports.insert(name.clone(), Some(port.clone()));
+                }
+            }
+            for name in old.ports.keys() {
+                if !new.ports.contains_key(name) {
+                    changes.ports.insert(name.clone(), None);
+                }
+            }
+            for e in &new.errors {
+                if !old.errors.contains(e) {
+                    if let Some(r) = self.reference_of(e) {
+                        changes.new_errors.push((r, e.clone()));
+                    }
+                }
+            }
+            if new != ServiceOutput::default() {
+                self.outputs.insert(k, new);
+            }
+        }
+        changes
+    }
+
+    /// The complete desired state, from the per-Service outputs.
+    pub fn desired_state(&self) -> DesiredState {
+        let mut d = DesiredState::default();
+        for out in self.outputs.values() {
+            for (k, v) in &out.ports {
+                d.services.insert(k.clone(), v.clone());
+            }
+        }
+        d
+    }
+
+    /// H1: every health-check node port of this node.
+    pub fn health_checks(&self) -> Vec<HealthCheck> {
+        let mut v: Vec<HealthCheck> = self
+            .outputs
+            .values()
+            .flat_map(|o| o.health_checks.iter().cloned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The API object an error is about (for its Event).
+    fn reference_of(&self, e: &ObjectError) -> Option<ObjectReference> {
+        let ns = e.namespace.clone().unwrap_or_else(|| "default".into());
+        let (api_version, kind, meta) = match e.kind {
+            ObjectKind::Service => {
+                let s = self.services.get(&(ns.clone(), e.name.clone()))?;
+                ("v1", "Service", &s.metadata)
+            }
+            ObjectKind::EndpointSlice => {
+                let owner = self.slice_owner.get(&(ns.clone(), e.name.clone()))?;
+                let s = self.slices.get(owner)?.get(&e.name)?;
+                ("discovery.k8s.io/v1", "EndpointSlice", &s.metadata)
+            }
+            ObjectKind::Node => return None,
+        };
+        Some(ObjectReference {
+            api_version: Some(api_version.into()),
+            kind: Some(kind.into()),
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+            uid: meta.uid.clone(),
+            resource_version: meta.resource_version.clone(),
+            ..ObjectReference::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Protocol;
+
+    fn svc(yaml: &str) -> Service {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn web(cluster_ip: &str) -> Service {
+        svc(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default, uid: u1}}\n\
+             spec:\n  clusterIP: {cluster_ip}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}\n"
+        ))
+    }
+
+    fn slice(name: &str, service: &str, ips: &[&str]) -> EndpointSlice {
+        let mut y = format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n"
+        );
+        for ip in ips {
+            y.push_str(&format!("- addresses: [{ip}]\n  nodeName: n1\n"));
+        }
+        if ips.is_empty() {
+            y.push_str("  []\n");
+        }
+        serde_yaml::from_str(&y).unwrap()
+    }
+
+    fn http() -> ServicePortName {
+        ServicePortName {
+            namespace: "default".into(),
+            name: "web".into(),
+            port_name: "http".into(),
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn cache() -> ClusterCache {
+        ClusterCache::new(NodeContext::new("n1", None))
+    }
+
+    fn backends(c: &Changes) -> Vec<String> {
+        c.ports[&http()]
+            .as_ref()
+            .unwrap()
+            .backends
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn an_endpoint_change_touches_only_its_service() {
+        let mut c = cache();
+        c.replace_services(vec![web("10.96.0.10")]);
+        c.replace_slices(vec![slice("web-1", "web", &["10.244.1.2"])]);
+        let first = c.take_changes();
+        assert!(first.full);
+        assert_eq!(backends(&first), vec!["10.244.1.2"]);
+
+        c.apply_slice(slice("web-1", "web", &["10.244.1.2", "10.244.1.3"]));
+        let ch = c.take_changes();
+        assert!(!ch.full);
+        assert_eq!(ch.services_touched, 1);
+        assert_eq!(backends(&ch), vec!["10.244.1.2", "10.244.1.3"]);
+
+        // The same object again: nothing to do.
+        c.apply_slice(slice("web-1", "web", &["10.244.1.2", "10.244.1.3"]));
+        assert!(c.take_changes().is_empty());
+    }
+
+    #[test]
+    fn slices_of_one_service_merge_and_deletes_follow() {
+        let mut c = cache();
+        c.apply_service(web("10.96.0.10"));
+        c.apply_slice(slice("web-1", "web", &["10.244.1.2"]));
+        c.apply_slice(slice("web-2", "web", &["10.244.1.3"]));
+        assert_eq!(
+            backends(&c.take_changes()),
+            vec!["10.244.1.2", "10.244.1.3"]
+        );
+        c.delete_slice(&slice("web-1", "web", &[]));
+        assert_eq!(backends(&c.take_changes()), vec!["10.244.1.3"]);
+    }
+
+    #[test]
+    fn a_slice_moving_to_another_service_leaves_the_first() {
+        let mut c = cache();
+        c.apply_service(web("10.96.0.10"));
+        c.apply_slice(slice("s", "web", &["10.244.1.2"]));
+        c.take_changes();
+        c.apply_slice(slice("s", "other", &["10.244.1.2"]));
+        let ch = c.take_changes();
+        assert_eq!(ch.ports[&http()].as_ref().unwrap().backends, vec![]);
+    }
+
+    #[test]
+    fn deleting_a_service_removes_its_ports() {
+        let mut c = cache();
+        c.apply_service(web("10.96.0.10"));
+        c.take_changes();
+        c.delete_service(&web("10.96.0.10"));
+        let ch = c.take_changes();
+        assert_eq!(ch.ports.get(&http()), Some(&None));
+        assert!(c.desired_state().services.is_empty());
+    }
+
+    #[test]
+    fn a_relist_marks_only_what_differs_and_asks_for_a_full_diff() {
+        let mut c = cache();
+        c.replace_services(vec![web("10.96.0.10")]);
+        c.replace_slices(vec![slice("web-1", "web", &["10.244.1.2"])]);
+        c.take_changes();
+        // Same objects again (a relist after 410 Gone): nothing recomputed.
+        c.replace_services(vec![web("10.96.0.10")]);
+        c.replace_slices(vec![slice("web-1", "web", &["10.244.1.2"])]);
+        let ch = c.take_changes();
+        assert!(ch.full);
+        assert_eq!(ch.services_touched, 0);
+        assert!(ch.ports.is_empty());
+        assert_eq!(c.desired_state().services.len(), 1);
+        // A slice vanished while disconnected.
+        c.replace_slices(vec![]);
+        let ch = c.take_changes();
+        assert_eq!(ch.services_touched, 1);
+        assert!(backends(&ch).is_empty());
+    }
+
+    #[test]
+    fn bad_objects_are_reported_once_with_their_reference() {
+        let mut c = cache();
+        c.apply_service(web("10.96.0.300"));
+        let ch = c.take_changes();
+        assert!(ch.ports.is_empty());
+        assert_eq!(ch.new_errors.len(), 1, "{:?}", ch.new_errors);
+        let (r, e) = &ch.new_errors[0];
+        assert_eq!(r.kind.as_deref(), Some("Service"));
+        assert_eq!(r.uid.as_deref(), Some("u1"));
+        assert!(e.to_string().contains("spec.clusterIP"), "{e}");
+        // Unchanged: not reported again; fixed: programmed.
+        c.apply_slice(slice("web-1", "web", &["10.244.1.2"]));
+        assert!(c.take_changes().new_errors.is_empty());
+        c.apply_service(web("10.96.0.30"));
+        let ch = c.take_changes();
+        assert!(ch.new_errors.is_empty());
+        assert_eq!(backends(&ch), vec!["10.244.1.2"]);
+    }
+
+    #[test]
+    fn e6_a_zone_change_recomputes_every_service() {
+        let mut c = cache();
+        c.apply_service(web("10.96.0.10"));
+        c.take_changes();
+        let node: Node = serde_yaml::from_str(
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n1, labels: {topology.kubernetes.io/zone: a}}\n",
+        )
+        .unwrap();
+        c.set_node(&node);
+        let ch = c.take_changes();
+        assert!(ch.full);
+        assert_eq!(ch.services_touched, 1);
+        assert_eq!(c.node_context().zone.as_deref(), Some("a"));
+        c.set_node(&node);
+        assert!(c.take_changes().is_empty());
+    }
+}

@@ -1,0 +1,174 @@
+//! The watchers of cluster mode: Services and EndpointSlices with
+//! kube-proxy's label selector (W1), and this node's Node, each a kube-rs
+//! `watcher` with exponential backoff, merged into one channel.
+//!
+//! kube-rs's watcher lists, then watches from the list's resourceVersion, and
+//! relists on 410 Gone or when a watch cannot be resumed; a relist arrives as
+//! `Init`, `InitApply`..., `InitDone`. [`InitBuffers`] turns that into one
+//! atomic replacement of the kind in the [`ClusterCache`], so a relist is
+//! diffed, never applied as "delete everything, add everything".
+
+use std::time::{Duration, SystemTime};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::cluster::ClusterCache;
+use crate::model::PROXY_LABEL_SELECTOR;
+
+/// One item from one of the watchers.
+#[derive(Debug)]
+pub enum Update {
+    Service(Event<Service>),
+    Slice(Event<EndpointSlice>),
+    Node(Event<Node>),
+    /// A list or watch failed; the watcher retries with backoff.
+    Failed {
+        kind: &'static str,
+        error: String,
+    },
+}
+
+impl Update {
+    /// When an EndpointSlice was last changed by its controller
+    /// (`endpoints.kubernetes.io/last-change-trigger-time`): the start of
+    /// kube-proxy's network programming latency.
+    pub fn trigger_time(&self) -> Option<SystemTime> {
+        let Update::Slice(Event::Apply(s) | Event::Delete(s)) = self else {
+            return None;
+        };
+        let t = s
+            .metadata
+            .annotations
+            .as_ref()?
+            .get("endpoints.kubernetes.io/last-change-trigger-time")?;
+        let ts: k8s_openapi::jiff::Timestamp = t.parse().ok()?;
+        SystemTime::try_from(ts).ok()
+    }
+}
+
+fn forward<K, S>(
+    kind: &'static str,
+    stream: S,
+    wrap: fn(Event<K>) -> Update,
+    tx: mpsc::Sender<Update>,
+) -> tokio::task::JoinHandle<()>
+where
+    K: Send + 'static,
+    S: Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            let update = match item {
+                Ok(ev) => wrap(ev),
+                Err(e) => Update::Failed {
+                    kind,
+                    error: e.to_string(),
+                },
+            };
+            if tx.send(update).await.is_err() {
+                return; // the agent is stopping
+            }
+        }
+    })
+}
+
+/// Starts the three watchers. Their tasks end when the receiver is dropped.
+pub fn spawn_watchers(
+    client: Client,
+    node_name: &str,
+    timeout: Duration,
+) -> (mpsc::Receiver<Update>, Vec<tokio::task::JoinHandle<()>>) {
+    let (tx, rx) = mpsc::channel(4096);
+    let cfg = watcher::Config::default()
+        .labels(PROXY_LABEL_SELECTOR)
+        .timeout(timeout.as_secs().clamp(1, 295) as u32);
+    let node_cfg = watcher::Config::default()
+        .fields(&format!("metadata.name={node_name}"))
+        .timeout(timeout.as_secs().clamp(1, 295) as u32);
+    let services =
+        watcher::watcher(Api::<Service>::all(client.clone()), cfg.clone()).default_backoff();
+    let slices = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), cfg).default_backoff();
+    let nodes = watcher::watcher(Api::<Node>::all(client), node_cfg).default_backoff();
+    let handles = vec![
+        forward("Service", services, Update::Service, tx.clone()),
+        forward("EndpointSlice", slices, Update::Slice, tx.clone()),
+        forward("Node", nodes, Update::Node, tx),
+    ];
+    (rx, handles)
+}
+
+/// Objects of a relist in progress, per kind.
+#[derive(Debug, Default)]
+pub struct InitBuffers {
+    services: Option<Vec<Service>>,
+    slices: Option<Vec<EndpointSlice>>,
+    services_listed: bool,
+    slices_listed: bool,
+}
+
+impl InitBuffers {
+    /// Both Services and EndpointSlices have been listed once. Before that
+    /// nothing is programmed: Services without their slices would look like
+    /// Services without endpoints, and an earlier agent's state would be
+    /// torn down for nothing.
+    pub fn synced(&self) -> bool {
+        self.services_listed && self.slices_listed
+    }
+}
+
+/// What an update did to the connection state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Contact {
+    /// The API server answered.
+    Ok,
+    /// A list or watch failed.
+    Failed,
+}
+
+/// Feeds one update into the cache.
+pub fn apply_update(cache: &mut ClusterCache, bufs: &mut InitBuffers, update: Update) -> Contact {
+    match update {
+        Update::Service(ev) => match ev {
+            Event::Apply(s) => cache.apply_service(s),
+            Event::Delete(s) => cache.delete_service(&s),
+            Event::Init => bufs.services = Some(Vec::new()),
+            Event::InitApply(s) => bufs.services.get_or_insert_with(Vec::new).push(s),
+            Event::InitDone => {
+                let all = bufs.services.take().unwrap_or_default();
+                debug!(services = all.len(), "Services listed");
+                cache.replace_services(all);
+                bufs.services_listed = true;
+            }
+        },
+        Update::Slice(ev) => match ev {
+            Event::Apply(s) => cache.apply_slice(s),
+            Event::Delete(s) => cache.delete_slice(&s),
+            Event::Init => bufs.slices = Some(Vec::new()),
+            Event::InitApply(s) => bufs.slices.get_or_insert_with(Vec::new).push(s),
+            Event::InitDone => {
+                let all = bufs.slices.take().unwrap_or_default();
+                debug!(slices = all.len(), "EndpointSlices listed");
+                cache.replace_slices(all);
+                bufs.slices_listed = true;
+            }
+        },
+        Update::Node(ev) => {
+            if let Event::Apply(n) | Event::InitApply(n) = ev {
+                cache.set_node(&n);
+            }
+        }
+        Update::Failed { kind, error } => {
+            warn!(kind, %error, "watch failed; retrying with backoff, the datapath keeps the last state");
+            return Contact::Failed;
+        }
+    }
+    Contact::Ok
+}
