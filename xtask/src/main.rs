@@ -22,6 +22,12 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Directory under $CARGO_HOME that holds the libLLVM links bpf-linker is built
 /// against. bpf-linker keeps an rpath into it, so it must stay.
 const LLVM_PREFIX_DIR: &str = "lb-llvm";
+/// Python virtual environment under $CARGO_HOME holding the Helm SDK
+/// (helm-python-sdk: Helm's own Go SDK as a library; there is no helm binary)
+/// that tests/tests/chart.rs lints and renders the chart with.
+const HELM_VENV_DIR: &str = "lb-helm-venv";
+/// The pinned Python requirements of the chart tests, installed into the venv.
+const HELM_REQUIREMENTS: &str = "tests/chart/requirements.txt";
 /// Debian packages the tests, the demo and the benchmarks use.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",     // ip, ss, bridge
@@ -53,7 +59,8 @@ struct Cli {
 enum Cmd {
     /// Install what is missing: nightly rust-src, bpf-linker (built against the
     /// nightly's own LLVM, prefix $CARGO_HOME/lb-llvm), the Debian packages the
-    /// tests use; mount bpffs at /sys/fs/bpf. Fast when everything is there.
+    /// tests use, the Helm SDK of the chart tests (venv $CARGO_HOME/lb-helm-venv);
+    /// mount bpffs at /sys/fs/bpf. Fast when everything is there.
     Setup {
         /// Only print what would be installed.
         #[arg(long)]
@@ -66,8 +73,8 @@ enum Cmd {
     /// target/release/lbctl (the eBPF object is embedded via LB_EBPF_OBJECT).
     Build,
     /// What CI runs: setup, build, then rustfmt, clippy (host and eBPF), unit
-    /// tests, the privileged tests of lb-tests serially, and charts/test if it
-    /// exists. Prints a summary; exits non-zero if anything failed.
+    /// tests, and the tests of lb-tests serially (privileged ones, and the Helm
+    /// chart's). Prints a summary; exits non-zero if anything failed.
     Test {
         /// Skip `setup` (for quick local runs on a machine that has everything).
         #[arg(long)]
@@ -293,6 +300,7 @@ fn setup(dry_run: bool) -> Result<()> {
     setup_rust_components(dry_run)?;
     setup_bpf_linker(dry_run)?;
     setup_debian_packages(dry_run)?;
+    setup_helm_sdk(dry_run)?;
     setup_bpffs(dry_run)?;
     println!("setup: done in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
@@ -486,6 +494,90 @@ fn setup_debian_packages(dry_run: bool) -> Result<()> {
     }
     update.run()?;
     install.run()?;
+    Ok(())
+}
+
+/// True when `python` runs and imports the Helm SDK.
+fn helm_sdk_importable(python: &Path) -> bool {
+    cmd(&python.to_string_lossy())
+        .args(["-c", "import helm_python"])
+        .probe()
+}
+
+/// Installs tests/chart/requirements.txt (the pinned helm-python-sdk) into the
+/// venv $CARGO_HOME/lb-helm-venv. A copy of the requirements in the venv tells
+/// whether it is current: nothing runs when it matches and the SDK imports.
+fn setup_helm_sdk(dry_run: bool) -> Result<()> {
+    let venv = cargo_home().join(HELM_VENV_DIR);
+    let python = venv.join("bin/python3");
+    let requirements = root_dir().join(HELM_REQUIREMENTS);
+    let wanted = std::fs::read_to_string(&requirements)
+        .with_context(|| format!("reading {}", requirements.display()))?;
+    let pinned = wanted
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let stamp = venv.join("lb-requirements.txt");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) && helm_sdk_importable(&python) {
+        println!("ok: Helm SDK ({pinned}, {})", venv.display());
+        return Ok(());
+    }
+    println!(
+        "Helm SDK missing or not {pinned}: installing into {}",
+        venv.display()
+    );
+    let create = cmd("python3").args(["-m", "venv", "--clear"]).arg(&venv);
+    let install = cmd(&python.to_string_lossy())
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .arg("-r")
+        .arg(&requirements);
+    let venv_works = cmd(&python.to_string_lossy())
+        .args(["-m", "pip", "--version"])
+        .probe();
+    if dry_run {
+        if !venv_works {
+            println!("would run: {}", create.display().trim_start_matches("+ "));
+        }
+        println!("would run: {}", install.display().trim_start_matches("+ "));
+        return Ok(());
+    }
+    // Debian's python3 ships the venv module (ensurepip) separately.
+    if !venv_works && create.run().is_err() {
+        if !is_root() {
+            bail!("`python3 -m venv` failed: install python3-venv (sudo apt-get install python3-venv) and run setup again");
+        }
+        cmd("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .run()?;
+        cmd("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "python3-venv",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .run()?;
+        create.run()?;
+    }
+    install.run()?;
+    if !helm_sdk_importable(&python) {
+        bail!(
+            "installed {pinned} but `{} -c 'import helm_python'` fails",
+            python.display()
+        );
+    }
+    std::fs::write(&stamp, &wanted).with_context(|| format!("writing {}", stamp.display()))?;
     Ok(())
 }
 
@@ -749,21 +841,6 @@ fn test(no_setup: bool, no_lint: bool, only: Option<String>) -> Result<()> {
         c = c.arg("--test-threads=1");
         run_counting(&c).map(Some)
     });
-    let chart_test = root_dir().join("charts/test");
-    if only.is_none() && chart_test.is_file() {
-        step("chart test (charts/test)", &mut || {
-            let executable = std::fs::metadata(&chart_test)
-                .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
-                .unwrap_or(false);
-            let c = if executable {
-                cmd(&chart_test.to_string_lossy())
-            } else {
-                cmd("bash").arg(&chart_test)
-            };
-            c.run()?;
-            Ok(None)
-        });
-    }
 
     println!("\n==> summary ({:.0}s)", started.elapsed().as_secs_f64());
     for s in &steps {
