@@ -3,6 +3,8 @@
 //! the network-namespace topology.
 
 pub mod artifacts;
+pub mod fake_apiserver;
+pub mod netns;
 pub mod packet;
 pub mod privilege;
 pub mod topology;
