@@ -1,0 +1,225 @@
+//! lb-agent: keeps this node's BPF maps equal to the desired state.
+//!
+//! Cluster mode (default): watches Services, EndpointSlices and its Node on
+//! the API server (`--kubeconfig`, $KUBECONFIG, or the in-cluster service
+//! account). Manifest mode: `--manifest FILE` with Service and EndpointSlice
+//! documents, polled. Both share the datapath side (node.rs).
+
+mod cluster_mode;
+mod manifest_mode;
+mod node;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use lb_common::DatapathConfig;
+use lb_userspace::agent::parse_cidrs;
+use lb_userspace::dataplane;
+use lb_userspace::health::{ProxyHealth, ServiceHealthServers};
+use lb_userspace::metrics::Metrics;
+use regex::Regex;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
+use tracing::info;
+
+use crate::node::{NodeAgent, NodeSettings, Ticks};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "lb node agent: an eBPF replacement for kube-proxy"
+)]
+struct Args {
+    /// Cluster mode: kubeconfig to reach the API server. Without it and
+    /// without --manifest: $KUBECONFIG, then the in-cluster service account.
+    #[arg(long, env = "KUBECONFIG", value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// Manifest mode: Kubernetes YAML with Service and EndpointSlice documents.
+    #[arg(long, value_name = "FILE", conflicts_with = "kubeconfig")]
+    manifest: Option<PathBuf>,
+    /// This node's name (endpoints with this nodeName are local).
+    #[arg(long, env = "NODE_NAME", required_unless_present = "cleanup")]
+    node_name: Option<String>,
+    /// Uplink interface (repeatable). Default: the interfaces of the default route.
+    #[arg(long = "uplink", value_name = "IFACE")]
+    uplinks: Vec<String>,
+    /// Pod interfaces: host-side veths whose name matches this regex.
+    #[arg(long, default_value = "^(veth|lxc|cali)")]
+    pod_iface_pattern: String,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, default_value = dataplane::DEFAULT_BPFFS_DIR)]
+    bpffs: PathBuf,
+    /// Comma-separated CIDRs: NodePorts answer only on local addresses inside
+    /// them (default: every non-loopback IPv4 address of the node).
+    #[arg(long, value_name = "CIDR,...")]
+    nodeport_addresses: Option<String>,
+    /// /healthz and /livez (kube-proxy compatible); empty disables.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: String,
+    /// /metrics and /proxyMode; empty disables.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: String,
+    /// Idle timeout of an established TCP flow (kube-proxy's
+    /// --conntrack-tcp-timeout-established).
+    #[arg(long, default_value = "6h", value_parser = parse_duration)]
+    conntrack_tcp_established_timeout: Duration,
+    /// Idle timeout of a TCP flow that is opening or closing.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    conntrack_tcp_transient_timeout: Duration,
+    /// Idle timeout of a UDP flow (kube-proxy's --conntrack-udp-timeout).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    conntrack_udp_timeout: Duration,
+    /// How often idle conntrack entries are deleted.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    conntrack_gc_interval: Duration,
+    /// Period of the metrics refresh and of the no-op sync that keeps
+    /// /healthz's lastUpdated moving; /healthz turns 503 when a change has
+    /// waited longer than twice this (kube-proxy's rule).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    sync_period: Duration,
+    /// Manifest mode: how often the file and the interfaces are re-checked
+    /// (cluster mode re-checks interfaces on netlink events and this period).
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    poll_interval: Duration,
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Detach and unpin everything under --bpffs, then exit.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("bad duration {s:?}: use e.g. 500ms, 30s, 5m or 6h")),
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if args.cleanup {
+        return node::cleanup(&args.bpffs);
+    }
+    let node_name = args
+        .node_name
+        .clone()
+        .context("--node-name (or NODE_NAME) is required")?;
+    let pod_pattern = Regex::new(&args.pod_iface_pattern)
+        .with_context(|| format!("--pod-iface-pattern {:?}", args.pod_iface_pattern))?;
+    let nodeport_cidrs = match &args.nodeport_addresses {
+        Some(s) => parse_cidrs(s).map_err(anyhow::Error::msg)?,
+        None => Vec::new(),
+    };
+    let config = DatapathConfig {
+        ct_tcp_established_ns: args.conntrack_tcp_established_timeout.as_nanos() as u64,
+        ct_tcp_transient_ns: args.conntrack_tcp_transient_timeout.as_nanos() as u64,
+        ct_udp_ns: args.conntrack_udp_timeout.as_nanos() as u64,
+        ..DatapathConfig::DEFAULT
+    };
+    let settings = NodeSettings {
+        bpffs: args.bpffs.clone(),
+        uplinks: args.uplinks.clone(),
+        pod_pattern,
+        nodeport_cidrs,
+        config,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run(args, settings, node_name))
+}
+
+async fn run(args: Args, settings: NodeSettings, node_name: String) -> Result<()> {
+    let mode = if args.manifest.is_some() {
+        "manifest"
+    } else {
+        "cluster"
+    };
+    let metrics = Metrics::new();
+    metrics.set_agent_info(env!("CARGO_PKG_VERSION"), mode);
+    let health = ProxyHealth::new(2 * args.sync_period);
+    // Load and attach first: a node whose datapath cannot load is not healthy.
+    let node = NodeAgent::new(settings, metrics.clone(), health.clone())?;
+    node::start_http(
+        &args.healthz_bind_address,
+        &args.metrics_bind_address,
+        health.clone(),
+        metrics.clone(),
+    )
+    .await?;
+
+    let changed = Arc::new(Notify::new());
+    node::spawn_netlink_watcher(changed.clone())?;
+    let term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let cluster_poll = args.poll_interval.max(Duration::from_secs(5));
+    let result = match args.manifest.clone() {
+        Some(path) => {
+            let ticks = Ticks::new(
+                args.poll_interval,
+                args.conntrack_gc_interval,
+                args.sync_period,
+            );
+            manifest_mode::run(node, path, node_name, ticks, changed, term, int).await
+        }
+        None => {
+            let client = kube_client(args.kubeconfig.as_deref()).await?;
+            let ticks = Ticks::new(cluster_poll, args.conntrack_gc_interval, args.sync_period);
+            let health_servers = ServiceHealthServers::new(health.clone(), Vec::new());
+            cluster_mode::run(
+                node,
+                cluster_mode::ClusterSettings {
+                    client,
+                    node_name,
+                    watch_timeout: Duration::from_secs(290),
+                },
+                health_servers,
+                ticks,
+                changed,
+                term,
+                int,
+            )
+            .await
+        }
+    };
+    info!(bpffs = %args.bpffs.display(), "stopping; programs stay attached and maps stay pinned for the next agent");
+    result
+}
+
+/// A client from `--kubeconfig` (also $KUBECONFIG), else in-cluster config.
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::incluster()
+            .context("no --kubeconfig and no in-cluster service account")?,
+    };
+    info!(server = %config.cluster_url, "cluster mode");
+    kube::Client::try_from(config).context("creating the Kubernetes client")
+}
