@@ -43,6 +43,8 @@ pub const NAME_PREFIX: &str = "lbt";
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 /// The address of the external client on the lan.
 pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// The fake API server's address on the lan (the lan bridge's own address).
+pub const API_SERVER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The lan subnet of the node uplinks.
 pub const LAN_CIDR: &str = "198.18.0.0/24";
 /// Default time the `wait_*` helpers wait for the agents.
@@ -355,6 +357,7 @@ impl TopologyBuilder {
             pods: Vec::new(),
             namespaces: Vec::new(),
             procs: Mutex::new(Vec::new()),
+            kubeconfig: Mutex::new(None),
         };
         // From here on, Drop removes whatever was created.
         topo.create(&self.nodes)?;
@@ -373,6 +376,9 @@ pub struct Topology {
     /// Every namespace created, in creation order.
     namespaces: Vec<String>,
     procs: Mutex<Vec<Proc>>,
+    /// Set by [`Topology::start_api_server`]: agents start in cluster mode
+    /// with this kubeconfig instead of a manifest.
+    kubeconfig: Mutex<Option<PathBuf>>,
 }
 
 impl Topology {
@@ -385,6 +391,16 @@ impl Topology {
         self.add_netns(&lan)?;
         ip(&["-n", &lan, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &lan, "link", "set", "br0", "up"])?;
+        // Where a fake API server listens (cluster-mode tests).
+        ip(&[
+            "-n",
+            &lan,
+            "addr",
+            "add",
+            &format!("{API_SERVER_IP}/24"),
+            "dev",
+            "br0",
+        ])?;
 
         for (i, (name, pods)) in spec.iter().enumerate() {
             let index = u8::try_from(i + 1).expect("at most 200 nodes");
@@ -925,6 +941,28 @@ impl Topology {
         Ok(())
     }
 
+    /// Starts a fake API server on the lan ([`API_SERVER_IP`]:6443, inside the
+    /// lan namespace) and switches the agents to cluster mode with a
+    /// kubeconfig for it.
+    pub fn start_api_server(&self) -> Result<crate::fake_apiserver::FakeApiServer> {
+        let listener = crate::fake_apiserver::bind_in_netns(
+            Some(&self.lan),
+            std::net::SocketAddr::from((API_SERVER_IP, 6443)),
+        );
+        let server = crate::fake_apiserver::FakeApiServer::start(listener);
+        let kubeconfig = server.write_kubeconfig(&self.dir);
+        *self.kubeconfig.lock().unwrap() = Some(kubeconfig);
+        Ok(server)
+    }
+
+    /// Starts one agent per node (cluster mode after [`Topology::start_api_server`]).
+    pub fn start_all_agents(&self) -> Result<()> {
+        for n in &self.nodes {
+            self.start_agent(&n.name, &[])?;
+        }
+        Ok(())
+    }
+
     /// Writes the manifests and starts one agent per node.
     pub fn start_agents(&self, yaml: &str) -> Result<()> {
         self.write_manifests(yaml)?;
@@ -945,18 +983,21 @@ impl Topology {
                 agent.display()
             );
         }
-        let manifest = self.manifest_path(node);
+        let (source_flag, source) = match self.kubeconfig.lock().unwrap().clone() {
+            Some(k) => ("--kubeconfig", k),
+            None => ("--manifest", self.manifest_path(node)),
+        };
         let net = format!("--net=/run/netns/{}", n.netns);
         let agent_s = agent.to_string_lossy();
-        let manifest_s = manifest.to_string_lossy();
+        let source_s = source.to_string_lossy();
         let bpffs_s = n.bpffs.to_string_lossy();
         let mut argv = vec![
             "nsenter",
             net.as_str(),
             "--",
             &agent_s,
-            "--manifest",
-            &manifest_s,
+            source_flag,
+            &source_s,
             "--node-name",
             node,
             "--uplink",

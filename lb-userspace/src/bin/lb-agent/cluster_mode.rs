@@ -151,14 +151,19 @@ pub async fn run(
         let started = pending_since.take().unwrap_or_else(Instant::now);
         let full = changes.full || pending_full;
         let result = node.resync_if_needed().and_then(|()| {
-            let plan = if full {
-                node.sync
+            let (plan, scope) = if full {
+                let p = node
+                    .sync
                     .plan_full(&cache.desired_state(), &node.node_addrs)
-                    .context("planning")?
+                    .context("planning")?;
+                (p, "full")
             } else {
-                node.sync.plan_ports(&changes.ports).context("planning")?
+                (
+                    node.sync.plan_ports(&changes.ports).context("planning")?,
+                    "ports",
+                )
             };
-            node.apply(plan, started)
+            node.apply(plan, started, scope)
         });
         match result {
             Ok(_) => {

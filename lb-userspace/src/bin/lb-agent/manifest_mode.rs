@@ -128,7 +128,7 @@ pub async fn run(
         }
         let result = node.resync_if_needed().and_then(|()| {
             let plan = node.sync.plan_full(d, &node.node_addrs)?;
-            node.apply(plan, started)
+            node.apply(plan, started, "full")
         });
         match result {
             Ok(_) => dirty = false,

@@ -140,8 +140,9 @@ impl NodeAgent {
     }
 
     /// Executes a plan; `started` is when the change it programs was seen
-    /// (network programming latency). Returns the number of map writes.
-    pub fn apply(&mut self, plan: Plan, started: Instant) -> Result<usize> {
+    /// (network programming latency); `scope` says what was planned ("full"
+    /// diff, or only some service "ports"). Returns the number of map writes.
+    pub fn apply(&mut self, plan: Plan, started: Instant, scope: &str) -> Result<usize> {
         for e in &plan.errors {
             error!("{e}");
         }
@@ -168,6 +169,7 @@ impl NodeAgent {
             self.metrics.observe_network_programming(started.elapsed());
             info!(
                 generation = self.generation,
+                scope,
                 map_writes = n,
                 service_changes = plan.service_changes,
                 endpoint_changes = plan.endpoint_changes,
@@ -189,7 +191,8 @@ impl NodeAgent {
     pub fn apply_node_addrs(&mut self) -> Result<()> {
         self.resync_if_needed()?;
         let plan = self.sync.plan_node_addrs(&self.node_addrs);
-        self.apply(plan, Instant::now()).map(|_| ())
+        self.apply(plan, Instant::now(), "node-addresses")
+            .map(|_| ())
     }
 
     /// Deletes idle conntrack entries (both directions of a flow together).
