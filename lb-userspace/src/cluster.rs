@@ -13,7 +13,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{
+    Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{self, HealthCheck, NodeContext, ObjectError, ObjectKind, LABEL_SERVICE_NAME};
@@ -29,23 +31,154 @@ fn key_of(meta: &ObjectMeta) -> ServiceRef {
     )
 }
 
-/// The Service an EndpointSlice belongs to (W3), if it says.
-fn owner_of(slice: &EndpointSlice) -> Option<ServiceRef> {
-    let name = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
-    Some((
-        slice
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-        name.clone(),
-    ))
+/// The parts of an EndpointSlice the model reads. The k8s-openapi struct
+/// spends 352 bytes on every endpoint before its strings; at 10,000 Services
+/// with 10 endpoints each that alone is most of the agent's memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlimSlice {
+    name: String,
+    namespace: String,
+    /// Only the labels the model looks at (W1, W3). A Vec: one or two
+    /// entries, where a map would allocate a whole node.
+    labels: Vec<(String, String)>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    address_type: String,
+    ports: Option<Vec<EndpointPort>>,
+    endpoints: Vec<SlimEndpoint>,
 }
 
-/// What the model made of one Service and its slices.
+#[derive(Clone, Debug, PartialEq)]
+struct SlimEndpoint {
+    /// W3: only the first address is used.
+    address: Option<String>,
+    ready: Option<bool>,
+    serving: Option<bool>,
+    terminating: Option<bool>,
+    node_name: Option<String>,
+    for_zones: Option<Vec<String>>,
+}
+
+impl From<EndpointSlice> for SlimSlice {
+    fn from(s: EndpointSlice) -> Self {
+        let labels = s
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| {
+                k == LABEL_SERVICE_NAME
+                    || k == model::LABEL_SERVICE_PROXY_NAME
+                    || k == model::LABEL_HEADLESS
+            })
+            .collect();
+        SlimSlice {
+            name: s.metadata.name.unwrap_or_default(),
+            namespace: s.metadata.namespace.unwrap_or_else(|| "default".into()),
+            labels,
+            uid: s.metadata.uid,
+            resource_version: s.metadata.resource_version,
+            address_type: s.address_type,
+            ports: s.ports,
+            endpoints: s
+                .endpoints
+                .into_iter()
+                .map(|e| {
+                    let c = e.conditions.unwrap_or_default();
+                    SlimEndpoint {
+                        address: e.addresses.into_iter().next(),
+                        ready: c.ready,
+                        serving: c.serving,
+                        terminating: c.terminating,
+                        node_name: e.node_name,
+                        for_zones: e
+                            .hints
+                            .and_then(|h| h.for_zones)
+                            .map(|z| z.into_iter().map(|z| z.name).collect()),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+impl SlimSlice {
+    fn key(&self) -> ServiceRef {
+        (self.namespace.clone(), self.name.clone())
+    }
+
+    fn owner(&self) -> Option<ServiceRef> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == LABEL_SERVICE_NAME)
+            .map(|(_, n)| (self.namespace.clone(), n.clone()))
+    }
+
+    /// Back to the API type, for the model (transient: one Service's slices).
+    fn to_slice(&self) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(self.labels.iter().cloned().collect()),
+                uid: self.uid.clone(),
+                resource_version: self.resource_version.clone(),
+                ..ObjectMeta::default()
+            },
+            address_type: self.address_type.clone(),
+            ports: self.ports.clone(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|e| Endpoint {
+                    addresses: e.address.iter().cloned().collect(),
+                    conditions: Some(EndpointConditions {
+                        ready: e.ready,
+                        serving: e.serving,
+                        terminating: e.terminating,
+                    }),
+                    node_name: e.node_name.clone(),
+                    hints: e.for_zones.as_ref().map(|z| EndpointHints {
+                        for_zones: Some(
+                            z.iter()
+                                .map(|name| ForZone { name: name.clone() })
+                                .collect(),
+                        ),
+                        ..EndpointHints::default()
+                    }),
+                    ..Endpoint::default()
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Drops what the model never reads and can be large (managedFields, the
+/// last-applied annotation, status conditions) before a Service is kept.
+fn slim_service(mut s: Service) -> Service {
+    s.metadata.managed_fields = None;
+    if let Some(a) = s.metadata.annotations.as_mut() {
+        a.retain(|k, _| k.starts_with("service.kubernetes.io/"));
+    }
+    if let Some(st) = s.status.as_mut() {
+        st.conditions = None;
+    }
+    s
+}
+
+fn find_port<'a>(
+    ports: &'a [(ServicePortName, DesiredServicePort)],
+    name: &ServicePortName,
+) -> Option<&'a DesiredServicePort> {
+    ports.iter().find(|(n, _)| n == name).map(|(_, p)| p)
+}
+
+/// What the model made of one Service and its slices. Vecs, not maps: a
+/// Service has a handful of ports, and 10,000 map nodes cost tens of MiB.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServiceOutput {
-    pub ports: BTreeMap<ServicePortName, DesiredServicePort>,
+    /// Sorted by name.
+    pub ports: Vec<(ServicePortName, DesiredServicePort)>,
     pub health_checks: Vec<HealthCheck>,
     pub errors: Vec<ObjectError>,
 }
@@ -74,8 +207,9 @@ impl Changes {
 pub struct ClusterCache {
     ctx: NodeContext,
     services: BTreeMap<ServiceRef, Service>,
-    /// Slices grouped by the Service they belong to, by slice name.
-    slices: BTreeMap<ServiceRef, BTreeMap<String, EndpointSlice>>,
+    /// Slices grouped by the Service they belong to, sorted by slice name
+    /// (usually one or two: a Vec, not a map).
+    slices: BTreeMap<ServiceRef, Vec<SlimSlice>>,
     /// slice namespace/name -> its owner, to follow label changes and deletes.
     slice_owner: BTreeMap<ServiceRef, ServiceRef>,
     outputs: BTreeMap<ServiceRef, ServiceOutput>,
@@ -109,6 +243,7 @@ impl ClusterCache {
     }
 
     pub fn apply_service(&mut self, svc: Service) {
+        let svc = slim_service(svc);
         let k = key_of(&svc.metadata);
         if self.services.get(&k) != Some(&svc) {
             self.services.insert(k.clone(), svc);
@@ -124,8 +259,9 @@ impl ClusterCache {
     }
 
     pub fn apply_slice(&mut self, slice: EndpointSlice) {
-        let k = key_of(&slice.metadata);
-        let owner = owner_of(&slice);
+        let slice = SlimSlice::from(slice);
+        let k = slice.key();
+        let owner = slice.owner();
         // The service-name label can change: the old owner loses the slice.
         if let Some(old) = self.slice_owner.get(&k).cloned() {
             if Some(&old) != owner.as_ref() {
@@ -138,9 +274,16 @@ impl ClusterCache {
             return; // W3: not attributable; the model would only report it
         };
         let group = self.slices.entry(owner.clone()).or_default();
-        if group.get(&k.1) != Some(&slice) {
-            group.insert(k.1.clone(), slice);
-            self.dirty.insert(owner.clone());
+        match group.binary_search_by(|s| s.name.cmp(&k.1)) {
+            Ok(i) if group[i] == slice => {}
+            Ok(i) => {
+                group[i] = slice;
+                self.dirty.insert(owner.clone());
+            }
+            Err(i) => {
+                group.insert(i, slice);
+                self.dirty.insert(owner.clone());
+            }
         }
         self.slice_owner.insert(k, owner);
     }
@@ -155,7 +298,7 @@ impl ClusterCache {
 
     fn remove_slice_from(&mut self, owner: &ServiceRef, name: &str) {
         if let Some(group) = self.slices.get_mut(owner) {
-            group.remove(name);
+            group.retain(|s| s.name != name);
             if group.is_empty() {
                 self.slices.remove(owner);
             }
@@ -164,8 +307,13 @@ impl ClusterCache {
 
     /// A complete list of Services (initial list or relist).
     pub fn replace_services(&mut self, all: Vec<Service>) {
-        let new: BTreeMap<ServiceRef, Service> =
-            all.into_iter().map(|s| (key_of(&s.metadata), s)).collect();
+        let new: BTreeMap<ServiceRef, Service> = all
+            .into_iter()
+            .map(|s| {
+                let s = slim_service(s);
+                (key_of(&s.metadata), s)
+            })
+            .collect();
         for (k, old) in &self.services {
             if new.get(k) != Some(old) {
                 self.dirty.insert(k.clone());
@@ -180,16 +328,21 @@ impl ClusterCache {
         self.full = true;
     }
 
-    /// A complete list of EndpointSlices (initial list or relist).
-    pub fn replace_slices(&mut self, all: Vec<EndpointSlice>) {
+    /// A complete list of EndpointSlices (initial list or relist); convert
+    /// each with `SlimSlice::from` as it arrives.
+    pub fn replace_slices(&mut self, all: Vec<SlimSlice>) {
         let old_slices = std::mem::take(&mut self.slices);
         self.slice_owner.clear();
         for s in all {
-            let k = key_of(&s.metadata);
-            if let Some(owner) = owner_of(&s) {
+            let k = s.key();
+            if let Some(owner) = s.owner() {
                 self.slice_owner.insert(k.clone(), owner.clone());
-                self.slices.entry(owner).or_default().insert(k.1, s);
+                self.slices.entry(owner).or_default().push(s);
             }
+        }
+        for group in self.slices.values_mut() {
+            group.sort_by(|a, b| a.name.cmp(&b.name));
+            group.dedup_by(|a, b| a.name == b.name);
         }
         let owners: BTreeSet<&ServiceRef> = old_slices.keys().chain(self.slices.keys()).collect();
         for o in owners {
@@ -225,11 +378,11 @@ impl ClusterCache {
                     let slices: Vec<EndpointSlice> = self
                         .slices
                         .get(&k)
-                        .map(|g| g.values().cloned().collect())
+                        .map(|g| g.iter().map(SlimSlice::to_slice).collect())
                         .unwrap_or_default();
                     let out = model::desired_state(&self.ctx, std::slice::from_ref(svc), &slices);
                     ServiceOutput {
-                        ports: out.state.services,
+                        ports: out.state.services.into_iter().collect(),
                         health_checks: out.health_checks,
                         errors: out.errors,
                     }
@@ -238,12 +391,12 @@ impl ClusterCache {
             };
             let old = self.outputs.remove(&k).unwrap_or_default();
             for (name, port) in &new.ports {
-                if old.ports.get(name) != Some(port) {
+                if find_port(&old.ports, name) != Some(port) {
                     changes.ports.insert(name.clone(), Some(port.clone()));
                 }
             }
-            for name in old.ports.keys() {
-                if !new.ports.contains_key(name) {
+            for (name, _) in &old.ports {
+                if find_port(&new.ports, name).is_none() {
                     changes.ports.insert(name.clone(), None);
                 }
             }
@@ -293,8 +446,16 @@ impl ClusterCache {
             }
             ObjectKind::EndpointSlice => {
                 let owner = self.slice_owner.get(&(ns.clone(), e.name.clone()))?;
-                let s = self.slices.get(owner)?.get(&e.name)?;
-                ("discovery.k8s.io/v1", "EndpointSlice", &s.metadata)
+                let s = self.slices.get(owner)?.iter().find(|s| s.name == e.name)?;
+                return Some(ObjectReference {
+                    api_version: Some("discovery.k8s.io/v1".into()),
+                    kind: Some("EndpointSlice".into()),
+                    namespace: Some(s.namespace.clone()),
+                    name: Some(s.name.clone()),
+                    uid: s.uid.clone(),
+                    resource_version: s.resource_version.clone(),
+                    ..ObjectReference::default()
+                });
             }
             ObjectKind::Node => return None,
         };
@@ -368,7 +529,7 @@ mod tests {
     fn an_endpoint_change_touches_only_its_service() {
         let mut c = cache();
         c.replace_services(vec![web("10.96.0.10")]);
-        c.replace_slices(vec![slice("web-1", "web", &["10.244.1.2"])]);
+        c.replace_slices(vec![slice("web-1", "web", &["10.244.1.2"]).into()]);
         let first = c.take_changes();
         assert!(first.full);
         assert_eq!(backends(&first), vec!["10.244.1.2"]);
@@ -424,11 +585,11 @@ mod tests {
     fn a_relist_marks_only_what_differs_and_asks_for_a_full_diff() {
         let mut c = cache();
         c.replace_services(vec![web("10.96.0.10")]);
-        c.replace_slices(vec![slice("web-1", "web", &["10.244.1.2"])]);
+        c.replace_slices(vec![slice("web-1", "web", &["10.244.1.2"]).into()]);
         c.take_changes();
         // Same objects again (a relist after 410 Gone): nothing recomputed.
         c.replace_services(vec![web("10.96.0.10")]);
-        c.replace_slices(vec![slice("web-1", "web", &["10.244.1.2"])]);
+        c.replace_slices(vec![slice("web-1", "web", &["10.244.1.2"]).into()]);
         let ch = c.take_changes();
         assert!(ch.full);
         assert_eq!(ch.services_touched, 0);
@@ -459,6 +620,40 @@ mod tests {
         let ch = c.take_changes();
         assert!(ch.new_errors.is_empty());
         assert_eq!(backends(&ch), vec!["10.244.1.2"]);
+    }
+
+    #[test]
+    fn slim_slices_give_the_model_the_same_answers() {
+        // W3 (first address), W5 (nil conditions), W6 (nodeName), E3
+        // (terminating fallback), E6 (hints), W1 labels, bad addresses.
+        let y = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {name: s, namespace: default, uid: u9, labels: {kubernetes.io/service-name: web, other: x}, annotations: {a: b}}\n\
+                 addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n\
+                 - {addresses: [10.244.1.2, 10.244.1.99], nodeName: n1, zone: a, hints: {forZones: [{name: a}]}}\n\
+                 - {addresses: [10.244.1.3], conditions: {ready: false, serving: true, terminating: true}, hints: {forZones: [{name: b}]}}\n\
+                 - {addresses: [not-an-ip], conditions: {ready: true}}\n\
+                 - {addresses: []}\n";
+        let full: EndpointSlice = serde_yaml::from_str(y).unwrap();
+        let slim = SlimSlice::from(full.clone()).to_slice();
+        let svc = svc("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default, annotations: {service.kubernetes.io/topology-mode: Auto}}\n\
+             spec:\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, targetPort: 8080, protocol: TCP}\n");
+        for zone in [None, Some("a".to_string()), Some("b".to_string())] {
+            let ctx = NodeContext::new("n1", zone);
+            let a = model::desired_state(
+                &ctx,
+                std::slice::from_ref(&svc),
+                std::slice::from_ref(&full),
+            );
+            let b = model::desired_state(
+                &ctx,
+                std::slice::from_ref(&svc),
+                std::slice::from_ref(&slim),
+            );
+            assert_eq!(a.state, b.state);
+            assert_eq!(a.errors, b.errors);
+            assert_eq!(a.health_checks, b.health_checks);
+            assert!(!a.errors.is_empty(), "the bad endpoints are reported");
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use kube::{Api, Client};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::cluster::ClusterCache;
+use crate::cluster::{ClusterCache, SlimSlice};
 use crate::model::PROXY_LABEL_SELECTOR;
 
 /// One item from one of the watchers.
@@ -112,7 +112,7 @@ pub fn spawn_watchers(
 #[derive(Debug, Default)]
 pub struct InitBuffers {
     services: Option<Vec<Service>>,
-    slices: Option<Vec<EndpointSlice>>,
+    slices: Option<Vec<SlimSlice>>,
     services_listed: bool,
     slices_listed: bool,
 }
@@ -155,7 +155,7 @@ pub fn apply_update(cache: &mut ClusterCache, bufs: &mut InitBuffers, update: Up
             Event::Apply(s) => cache.apply_slice(s),
             Event::Delete(s) => cache.delete_slice(&s),
             Event::Init => bufs.slices = Some(Vec::new()),
-            Event::InitApply(s) => bufs.slices.get_or_insert_with(Vec::new).push(s),
+            Event::InitApply(s) => bufs.slices.get_or_insert_with(Vec::new).push(s.into()),
             Event::InitDone => {
                 let all = bufs.slices.take().unwrap_or_default();
                 debug!(slices = all.len(), "EndpointSlices listed");

@@ -876,11 +876,14 @@ fn demo() -> Result<()> {
         .run()
 }
 
+/// Both benchmarks: the datapath per packet (BPF_PROG_TEST_RUN) and the
+/// agent's control plane at 10,000 Services (cluster mode against the fake
+/// API server). Arguments go to the datapath bench.
 fn bench(args: &[String]) -> Result<()> {
     setup(false)?;
-    build_ebpf()?;
+    build()?;
     export_artifact_env();
-    section("bench");
+    section("bench: datapath");
     cmd("cargo")
         .args([
             "run",
@@ -892,6 +895,17 @@ fn bench(args: &[String]) -> Result<()> {
             "--",
         ])
         .args(args.iter())
+        .run()?;
+    section("bench: control plane");
+    cmd("cargo")
+        .args([
+            "run",
+            "--release",
+            "-p",
+            "lb-tests",
+            "--bin",
+            "lb-bench-sync",
+        ])
         .run()
 }
 

@@ -139,7 +139,9 @@ pub async fn run(
         if !bufs.synced() {
             continue; // never program from half a picture
         }
+        let t_model = Instant::now();
         let changes = cache.take_changes();
+        let model_time = t_model.elapsed();
         if changes.is_empty() && !pending_full {
             if pending_since.take().is_some() {
                 // Events that changed nothing count as programmed.
@@ -152,10 +154,19 @@ pub async fn run(
         let full = changes.full || pending_full;
         let result = node.resync_if_needed().and_then(|()| {
             let (plan, scope) = if full {
+                let t_plan = Instant::now();
                 let p = node
                     .sync
                     .plan_full(&cache.desired_state(), &node.node_addrs)
                     .context("planning")?;
+                info!(
+                    services = cache.service_count(),
+                    slices = cache.slice_count(),
+                    since_seen_ms = started.elapsed().as_secs_f64() * 1e3,
+                    model_ms = model_time.as_secs_f64() * 1e3,
+                    plan_ms = t_plan.elapsed().as_secs_f64() * 1e3,
+                    "full diff planned"
+                );
                 (p, "full")
             } else {
                 (

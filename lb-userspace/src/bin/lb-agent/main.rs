@@ -38,8 +38,9 @@ struct Args {
     /// without --manifest: $KUBECONFIG, then the in-cluster service account.
     #[arg(long, env = "KUBECONFIG", value_name = "PATH")]
     kubeconfig: Option<PathBuf>,
-    /// Manifest mode: Kubernetes YAML with Service and EndpointSlice documents.
-    #[arg(long, value_name = "FILE", conflicts_with = "kubeconfig")]
+    /// Manifest mode: Kubernetes YAML with Service and EndpointSlice
+    /// documents (takes precedence over --kubeconfig and $KUBECONFIG).
+    #[arg(long, value_name = "FILE")]
     manifest: Option<PathBuf>,
     /// This node's name (endpoints with this nodeName are local).
     #[arg(long, env = "NODE_NAME", required_unless_present = "cleanup")]
@@ -145,7 +146,10 @@ fn main() -> Result<()> {
         nodeport_cidrs,
         config,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Two workers: the watchers decode lists (JSON) while the main loop
+    // programs; more would only contend on a small node.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;

@@ -177,7 +177,9 @@ impl NodeAgent {
                 "maps updated"
             );
         }
-        if !self.ready_logged {
+        // Ready once the whole desired state has been programmed (not after
+        // a first node-address write).
+        if !self.ready_logged && scope == "full" {
             self.ready_logged = true;
             info!(
                 frontends = self.sync.contents().services.len(),
