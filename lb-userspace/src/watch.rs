@@ -175,3 +175,47 @@ pub fn apply_update(cache: &mut ClusterCache, bufs: &mut InitBuffers, update: Up
     }
     Contact::Ok
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::client::Body;
+
+    /// W1: what the watchers ask the API server for, seen on a tower-test
+    /// mock of the client's HTTP service.
+    #[tokio::test]
+    async fn w1_watchers_list_with_kube_proxys_selector_and_only_their_node() {
+        let (service, handle) =
+            tower_test::mock::pair::<hyper::Request<Body>, hyper::Response<Body>>();
+        let client = Client::new(service, "default");
+        let (_updates, tasks) = spawn_watchers(client, "node-a", Duration::from_secs(60));
+        let mut handle = std::pin::pin!(handle);
+        let mut uris = Vec::new();
+        for _ in 0..3 {
+            let (req, _respond) =
+                tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+                    .await
+                    .expect("the watchers list")
+                    .expect("a request");
+            assert_eq!(req.method(), hyper::Method::GET);
+            uris.push(req.uri().to_string());
+        }
+        for t in tasks {
+            t.abort();
+        }
+        uris.sort();
+        let selector = "labelSelector=%21service.kubernetes.io%2Fservice-proxy-name%2C%21service.kubernetes.io%2Fheadless";
+        assert!(uris[0].starts_with("/api/v1/nodes?"), "{uris:?}");
+        assert!(
+            uris[0].contains("fieldSelector=metadata.name%3Dnode-a"),
+            "{uris:?}"
+        );
+        assert!(uris[1].starts_with("/api/v1/services?"), "{uris:?}");
+        assert!(uris[1].contains(selector), "{uris:?}");
+        assert!(
+            uris[2].starts_with("/apis/discovery.k8s.io/v1/endpointslices?"),
+            "{uris:?}"
+        );
+        assert!(uris[2].contains(selector), "{uris:?}");
+    }
+}
