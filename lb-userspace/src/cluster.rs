@@ -10,7 +10,9 @@
 //! differ are marked, and the agent diffs the complete desired state against
 //! the maps: never a flush.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
 use k8s_openapi::api::discovery::v1::{
@@ -31,36 +33,102 @@ fn key_of(meta: &ObjectMeta) -> ServiceRef {
     )
 }
 
+/// Shares the strings many objects repeat (node names, zones, namespaces,
+/// label keys, protocols): one allocation each instead of one per endpoint.
+#[derive(Debug, Default)]
+pub struct Interner(HashSet<Arc<str>>);
+
+impl Interner {
+    fn get(&mut self, s: String) -> Arc<str> {
+        if let Some(a) = self.0.get(s.as_str()) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.0.insert(a.clone());
+        a
+    }
+
+    /// Forgets the strings nothing else holds any more.
+    pub fn prune(&mut self) {
+        self.0.retain(|a| Arc::strong_count(a) > 1);
+    }
+}
+
 /// The parts of an EndpointSlice the model reads. The k8s-openapi struct
 /// spends 352 bytes on every endpoint before its strings; at 10,000 Services
 /// with 10 endpoints each that alone is most of the agent's memory.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SlimSlice {
-    name: String,
-    namespace: String,
+    name: Box<str>,
+    namespace: Arc<str>,
     /// Only the labels the model looks at (W1, W3). A Vec: one or two
     /// entries, where a map would allocate a whole node.
-    labels: Vec<(String, String)>,
-    uid: Option<String>,
-    resource_version: Option<String>,
-    address_type: String,
-    ports: Option<Vec<EndpointPort>>,
-    endpoints: Vec<SlimEndpoint>,
+    labels: Box<[(Arc<str>, Box<str>)]>,
+    uid: Option<Box<str>>,
+    resource_version: Option<Box<str>>,
+    address_type: Arc<str>,
+    ports: Option<Box<[SlimPort]>>,
+    endpoints: Box<[SlimEndpoint]>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct SlimPort {
+    name: Option<Box<str>>,
+    port: Option<i32>,
+    protocol: Option<Arc<str>>,
+    app_protocol: Option<Arc<str>>,
+}
+
+/// An endpoint's first address: parsed when it is an IPv4 address that
+/// prints back exactly as given, the original text otherwise (so the model
+/// sees, and reports, exactly what the API server sent).
+#[derive(Clone, Debug, PartialEq)]
+enum SlimAddr {
+    None,
+    V4(Ipv4Addr),
+    Other(Box<str>),
+}
+
+impl SlimAddr {
+    fn new(a: Option<String>) -> Self {
+        match a {
+            None => SlimAddr::None,
+            Some(a) => match a.parse::<Ipv4Addr>() {
+                Ok(ip) if ip.to_string() == a => SlimAddr::V4(ip),
+                _ => SlimAddr::Other(a.into()),
+            },
+        }
+    }
+
+    fn to_string_opt(&self) -> Option<String> {
+        match self {
+            SlimAddr::None => None,
+            SlimAddr::V4(ip) => Some(ip.to_string()),
+            SlimAddr::Other(s) => Some(s.to_string()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
 struct SlimEndpoint {
     /// W3: only the first address is used.
-    address: Option<String>,
+    address: SlimAddr,
+    node_name: Option<Arc<str>>,
+    for_zones: Option<Box<[Arc<str>]>>,
     ready: Option<bool>,
     serving: Option<bool>,
     terminating: Option<bool>,
-    node_name: Option<String>,
-    for_zones: Option<Vec<String>>,
 }
 
 impl From<EndpointSlice> for SlimSlice {
+    /// With an interner of its own (tests); the cache shares one.
     fn from(s: EndpointSlice) -> Self {
+        SlimSlice::new(s, &mut Interner::default())
+    }
+}
+
+impl SlimSlice {
+    pub fn new(s: EndpointSlice, strings: &mut Interner) -> Self {
         let labels = s
             .metadata
             .labels
@@ -71,77 +139,103 @@ impl From<EndpointSlice> for SlimSlice {
                     || k == model::LABEL_SERVICE_PROXY_NAME
                     || k == model::LABEL_HEADLESS
             })
+            .map(|(k, v)| (strings.get(k), v.into_boxed_str()))
             .collect();
         SlimSlice {
-            name: s.metadata.name.unwrap_or_default(),
-            namespace: s.metadata.namespace.unwrap_or_else(|| "default".into()),
+            name: s.metadata.name.unwrap_or_default().into(),
+            namespace: strings.get(s.metadata.namespace.unwrap_or_else(|| "default".into())),
             labels,
-            uid: s.metadata.uid,
-            resource_version: s.metadata.resource_version,
-            address_type: s.address_type,
-            ports: s.ports,
+            uid: s.metadata.uid.map(String::into_boxed_str),
+            resource_version: s.metadata.resource_version.map(String::into_boxed_str),
+            address_type: strings.get(s.address_type),
+            ports: s.ports.map(|ports| {
+                ports
+                    .into_iter()
+                    .map(|p| SlimPort {
+                        name: p.name.map(String::into_boxed_str),
+                        port: p.port,
+                        protocol: p.protocol.map(|x| strings.get(x)),
+                        app_protocol: p.app_protocol.map(|x| strings.get(x)),
+                    })
+                    .collect()
+            }),
             endpoints: s
                 .endpoints
                 .into_iter()
                 .map(|e| {
                     let c = e.conditions.unwrap_or_default();
                     SlimEndpoint {
-                        address: e.addresses.into_iter().next(),
+                        address: SlimAddr::new(e.addresses.into_iter().next()),
                         ready: c.ready,
                         serving: c.serving,
                         terminating: c.terminating,
-                        node_name: e.node_name,
+                        node_name: e.node_name.map(|n| strings.get(n)),
                         for_zones: e
                             .hints
                             .and_then(|h| h.for_zones)
-                            .map(|z| z.into_iter().map(|z| z.name).collect()),
+                            .map(|z| z.into_iter().map(|z| strings.get(z.name)).collect()),
                     }
                 })
                 .collect(),
         }
     }
-}
 
-impl SlimSlice {
     fn key(&self) -> ServiceRef {
-        (self.namespace.clone(), self.name.clone())
+        (self.namespace.to_string(), self.name.to_string())
     }
 
     fn owner(&self) -> Option<ServiceRef> {
         self.labels
             .iter()
-            .find(|(k, _)| k == LABEL_SERVICE_NAME)
-            .map(|(_, n)| (self.namespace.clone(), n.clone()))
+            .find(|(k, _)| &**k == LABEL_SERVICE_NAME)
+            .map(|(_, n)| (self.namespace.to_string(), n.to_string()))
     }
 
     /// Back to the API type, for the model (transient: one Service's slices).
     fn to_slice(&self) -> EndpointSlice {
         EndpointSlice {
             metadata: ObjectMeta {
-                name: Some(self.name.clone()),
-                namespace: Some(self.namespace.clone()),
-                labels: Some(self.labels.iter().cloned().collect()),
-                uid: self.uid.clone(),
-                resource_version: self.resource_version.clone(),
+                name: Some(self.name.to_string()),
+                namespace: Some(self.namespace.to_string()),
+                labels: Some(
+                    self.labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                uid: self.uid.as_deref().map(str::to_string),
+                resource_version: self.resource_version.as_deref().map(str::to_string),
                 ..ObjectMeta::default()
             },
-            address_type: self.address_type.clone(),
-            ports: self.ports.clone(),
+            address_type: self.address_type.to_string(),
+            ports: self.ports.as_ref().map(|ports| {
+                ports
+                    .iter()
+                    .map(|p| EndpointPort {
+                        name: p.name.as_deref().map(str::to_string),
+                        port: p.port,
+                        protocol: p.protocol.as_deref().map(str::to_string),
+                        app_protocol: p.app_protocol.as_deref().map(str::to_string),
+                    })
+                    .collect()
+            }),
             endpoints: self
                 .endpoints
                 .iter()
                 .map(|e| Endpoint {
-                    addresses: e.address.iter().cloned().collect(),
+                    addresses: e.address.to_string_opt().into_iter().collect(),
                     conditions: Some(EndpointConditions {
                         ready: e.ready,
                         serving: e.serving,
                         terminating: e.terminating,
                     }),
-                    node_name: e.node_name.clone(),
+                    node_name: e.node_name.as_deref().map(str::to_string),
                     hints: e.for_zones.as_ref().map(|z| EndpointHints {
                         for_zones: Some(
                             z.iter()
-                                .map(|name| ForZone { name: name.clone() })
+                                .map(|name| ForZone {
+                                    name: name.to_string(),
+                                })
                                 .collect(),
                         ),
                         ..EndpointHints::default()
@@ -164,6 +258,64 @@ fn slim_service(mut s: Service) -> Service {
         st.conditions = None;
     }
     s
+}
+
+/// A listed Service in the form the cache keeps it: converted in the
+/// watcher's task, so full objects never queue up in the channel.
+#[derive(Debug)]
+pub struct ListedService(ServiceRef, PackedService);
+
+impl ListedService {
+    pub fn new(s: Service) -> Self {
+        let s = slim_service(s);
+        ListedService(key_of(&s.metadata), PackedService::new(&s))
+    }
+}
+
+/// Services of a list in progress, slimmed and keyed as they arrive (one
+/// copy of each, never a Vec of full objects and a map of slim ones). The
+/// last of two objects with the same namespace/name wins.
+#[derive(Debug, Default)]
+pub struct ServiceList(BTreeMap<ServiceRef, PackedService>);
+
+impl ServiceList {
+    pub fn push(&mut self, s: Service) {
+        self.push_listed(ListedService::new(s));
+    }
+
+    pub fn push_listed(&mut self, s: ListedService) {
+        self.0.insert(s.0, s.1);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A kept Service: the slimmed object as compact JSON. A k8s-openapi
+/// `Service` is 824 bytes before its strings, most of them empty options;
+/// its JSON holds only what is set. Read back (exactly: the types round-trip
+/// through serde) only to run the model on it or to name it in an Event.
+/// Equal objects give equal text (maps serialize in key order).
+#[derive(Clone, Debug, PartialEq)]
+struct PackedService(Box<str>);
+
+impl PackedService {
+    fn new(s: &Service) -> Self {
+        PackedService(
+            serde_json::to_string(s)
+                .expect("a Service serializes")
+                .into_boxed_str(),
+        )
+    }
+
+    fn unpack(&self) -> Service {
+        serde_json::from_str(&self.0).expect("a packed Service reads back")
+    }
 }
 
 fn find_port<'a>(
@@ -206,7 +358,7 @@ impl Changes {
 #[derive(Debug)]
 pub struct ClusterCache {
     ctx: NodeContext,
-    services: BTreeMap<ServiceRef, Service>,
+    services: BTreeMap<ServiceRef, PackedService>,
     /// Slices grouped by the Service they belong to, sorted by slice name
     /// (usually one or two: a Vec, not a map).
     slices: BTreeMap<ServiceRef, Vec<SlimSlice>>,
@@ -215,6 +367,7 @@ pub struct ClusterCache {
     outputs: BTreeMap<ServiceRef, ServiceOutput>,
     dirty: BTreeSet<ServiceRef>,
     full: bool,
+    strings: Interner,
 }
 
 impl ClusterCache {
@@ -227,6 +380,7 @@ impl ClusterCache {
             outputs: BTreeMap::new(),
             dirty: BTreeSet::new(),
             full: true,
+            strings: Interner::default(),
         }
     }
 
@@ -245,6 +399,7 @@ impl ClusterCache {
     pub fn apply_service(&mut self, svc: Service) {
         let svc = slim_service(svc);
         let k = key_of(&svc.metadata);
+        let svc = PackedService::new(&svc);
         if self.services.get(&k) != Some(&svc) {
             self.services.insert(k.clone(), svc);
             self.dirty.insert(k);
@@ -258,8 +413,13 @@ impl ClusterCache {
         }
     }
 
+    /// The slim form of a slice, sharing this cache's strings.
+    pub fn slim_slice(&mut self, slice: EndpointSlice) -> SlimSlice {
+        SlimSlice::new(slice, &mut self.strings)
+    }
+
     pub fn apply_slice(&mut self, slice: EndpointSlice) {
-        let slice = SlimSlice::from(slice);
+        let slice = self.slim_slice(slice);
         let k = slice.key();
         let owner = slice.owner();
         // The service-name label can change: the old owner loses the slice.
@@ -274,7 +434,7 @@ impl ClusterCache {
             return; // W3: not attributable; the model would only report it
         };
         let group = self.slices.entry(owner.clone()).or_default();
-        match group.binary_search_by(|s| s.name.cmp(&k.1)) {
+        match group.binary_search_by(|s| (*s.name).cmp(k.1.as_str())) {
             Ok(i) if group[i] == slice => {}
             Ok(i) => {
                 group[i] = slice;
@@ -282,6 +442,7 @@ impl ClusterCache {
             }
             Err(i) => {
                 group.insert(i, slice);
+                group.shrink_to_fit();
                 self.dirty.insert(owner.clone());
             }
         }
@@ -298,7 +459,7 @@ impl ClusterCache {
 
     fn remove_slice_from(&mut self, owner: &ServiceRef, name: &str) {
         if let Some(group) = self.slices.get_mut(owner) {
-            group.retain(|s| s.name != name);
+            group.retain(|s| &*s.name != name);
             if group.is_empty() {
                 self.slices.remove(owner);
             }
@@ -307,13 +468,16 @@ impl ClusterCache {
 
     /// A complete list of Services (initial list or relist).
     pub fn replace_services(&mut self, all: Vec<Service>) {
-        let new: BTreeMap<ServiceRef, Service> = all
-            .into_iter()
-            .map(|s| {
-                let s = slim_service(s);
-                (key_of(&s.metadata), s)
-            })
-            .collect();
+        let mut new = ServiceList::default();
+        for s in all {
+            new.push(s);
+        }
+        self.replace_service_list(new);
+    }
+
+    /// [`ClusterCache::replace_services`] from a list gathered as it arrived.
+    pub fn replace_service_list(&mut self, new: ServiceList) {
+        let new = new.0;
         for (k, old) in &self.services {
             if new.get(k) != Some(old) {
                 self.dirty.insert(k.clone());
@@ -329,7 +493,7 @@ impl ClusterCache {
     }
 
     /// A complete list of EndpointSlices (initial list or relist); convert
-    /// each with `SlimSlice::from` as it arrives.
+    /// each with [`ClusterCache::slim_slice`] as it arrives.
     pub fn replace_slices(&mut self, all: Vec<SlimSlice>) {
         let old_slices = std::mem::take(&mut self.slices);
         self.slice_owner.clear();
@@ -343,6 +507,8 @@ impl ClusterCache {
         for group in self.slices.values_mut() {
             group.sort_by(|a, b| a.name.cmp(&b.name));
             group.dedup_by(|a, b| a.name == b.name);
+            // Usually one slice: not the 4 a first push reserves.
+            group.shrink_to_fit();
         }
         let owners: BTreeSet<&ServiceRef> = old_slices.keys().chain(self.slices.keys()).collect();
         for o in owners {
@@ -350,6 +516,8 @@ impl ClusterCache {
                 self.dirty.insert(o.clone());
             }
         }
+        drop(old_slices);
+        self.strings.prune();
         self.full = true;
     }
 
@@ -366,21 +534,34 @@ impl ClusterCache {
 
     /// Recomputes the dirty Services and returns what changed.
     pub fn take_changes(&mut self) -> Changes {
+        self.take_changes_inner(true)
+    }
+
+    /// [`ClusterCache::take_changes`] for a caller that plans a full diff
+    /// from [`ClusterCache::desired_ports`] whenever `full` is set: then
+    /// `ports` is left empty instead of holding a copy of every port.
+    pub fn take_changes_for_plan(&mut self) -> Changes {
+        self.take_changes_inner(false)
+    }
+
+    fn take_changes_inner(&mut self, ports_when_full: bool) -> Changes {
         let mut changes = Changes {
             full: std::mem::take(&mut self.full),
             ..Changes::default()
         };
         let dirty = std::mem::take(&mut self.dirty);
         changes.services_touched = dirty.len();
+        let list_ports = ports_when_full || !changes.full;
         for k in dirty {
             let new = match self.services.get(&k) {
                 Some(svc) => {
+                    let svc = svc.unpack();
                     let slices: Vec<EndpointSlice> = self
                         .slices
                         .get(&k)
                         .map(|g| g.iter().map(SlimSlice::to_slice).collect())
                         .unwrap_or_default();
-                    let out = model::desired_state(&self.ctx, std::slice::from_ref(svc), &slices);
+                    let out = model::desired_state(&self.ctx, std::slice::from_ref(&svc), &slices);
                     ServiceOutput {
                         ports: out.state.services.into_iter().collect(),
                         health_checks: out.health_checks,
@@ -390,12 +571,12 @@ impl ClusterCache {
                 None => ServiceOutput::default(),
             };
             let old = self.outputs.remove(&k).unwrap_or_default();
-            for (name, port) in &new.ports {
+            for (name, port) in new.ports.iter().filter(|_| list_ports) {
                 if find_port(&old.ports, name) != Some(port) {
                     changes.ports.insert(name.clone(), Some(port.clone()));
                 }
             }
-            for (name, _) in &old.ports {
+            for (name, _) in old.ports.iter().filter(|_| list_ports) {
                 if find_port(&new.ports, name).is_none() {
                     changes.ports.insert(name.clone(), None);
                 }
@@ -425,6 +606,14 @@ impl ClusterCache {
         d
     }
 
+    /// Every service port of the desired state, borrowed, in
+    /// [`DesiredState`] order (for [`crate::sync::SyncState::plan_full_ports`]).
+    pub fn desired_ports(&self) -> impl Iterator<Item = (&ServicePortName, &DesiredServicePort)> {
+        self.outputs
+            .values()
+            .flat_map(|o| o.ports.iter().map(|(k, v)| (k, v)))
+    }
+
     /// H1: every health-check node port of this node.
     pub fn health_checks(&self) -> Vec<HealthCheck> {
         let mut v: Vec<HealthCheck> = self
@@ -442,18 +631,22 @@ impl ClusterCache {
         let (api_version, kind, meta) = match e.kind {
             ObjectKind::Service => {
                 let s = self.services.get(&(ns.clone(), e.name.clone()))?;
-                ("v1", "Service", &s.metadata)
+                ("v1", "Service", s.unpack().metadata)
             }
             ObjectKind::EndpointSlice => {
                 let owner = self.slice_owner.get(&(ns.clone(), e.name.clone()))?;
-                let s = self.slices.get(owner)?.iter().find(|s| s.name == e.name)?;
+                let s = self
+                    .slices
+                    .get(owner)?
+                    .iter()
+                    .find(|s| *s.name == *e.name)?;
                 return Some(ObjectReference {
                     api_version: Some("discovery.k8s.io/v1".into()),
                     kind: Some("EndpointSlice".into()),
-                    namespace: Some(s.namespace.clone()),
-                    name: Some(s.name.clone()),
-                    uid: s.uid.clone(),
-                    resource_version: s.resource_version.clone(),
+                    namespace: Some(s.namespace.to_string()),
+                    name: Some(s.name.to_string()),
+                    uid: s.uid.as_deref().map(str::to_string),
+                    resource_version: s.resource_version.as_deref().map(str::to_string),
                     ..ObjectReference::default()
                 });
             }
@@ -595,11 +788,33 @@ mod tests {
         assert_eq!(ch.services_touched, 0);
         assert!(ch.ports.is_empty());
         assert_eq!(c.desired_state().services.len(), 1);
+        assert!(c
+            .desired_ports()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .eq(c.desired_state().services));
         // A slice vanished while disconnected.
         c.replace_slices(vec![]);
         let ch = c.take_changes();
         assert_eq!(ch.services_touched, 1);
         assert!(backends(&ch).is_empty());
+    }
+
+    #[test]
+    fn a_full_change_for_the_planner_leaves_the_ports_to_desired_ports() {
+        let mut c = cache();
+        c.replace_services(vec![web("10.96.0.10")]);
+        c.replace_slices(vec![slice("web-1", "web", &["10.244.1.2"]).into()]);
+        let ch = c.take_changes_for_plan();
+        assert!(ch.full && ch.ports.is_empty() && !ch.is_empty());
+        assert_eq!(ch.services_touched, 1);
+        let ports: Vec<_> = c.desired_ports().collect();
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0].0, &http());
+        // Not full: the changed ports, as take_changes gives them.
+        c.apply_slice(slice("web-1", "web", &["10.244.1.3"]));
+        let ch = c.take_changes_for_plan();
+        assert!(!ch.full);
+        assert_eq!(backends(&ch), vec!["10.244.1.3"]);
     }
 
     #[test]
@@ -628,13 +843,31 @@ mod tests {
         // (terminating fallback), E6 (hints), W1 labels, bad addresses.
         let y = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
                  metadata: {name: s, namespace: default, uid: u9, labels: {kubernetes.io/service-name: web, other: x}, annotations: {a: b}}\n\
-                 addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n\
+                 addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP, appProtocol: h2c}, {port: 53, protocol: UDP}]\nendpoints:\n\
                  - {addresses: [10.244.1.2, 10.244.1.99], nodeName: n1, zone: a, hints: {forZones: [{name: a}]}}\n\
                  - {addresses: [10.244.1.3], conditions: {ready: false, serving: true, terminating: true}, hints: {forZones: [{name: b}]}}\n\
                  - {addresses: [not-an-ip], conditions: {ready: true}}\n\
+                 - {addresses: [10.244.01.5], nodeName: n2}\n\
+                 - {addresses: ['::1'], nodeName: n2}\n\
+                 - {addresses: [' 10.244.1.6'], nodeName: n1}\n\
                  - {addresses: []}\n";
         let full: EndpointSlice = serde_yaml::from_str(y).unwrap();
         let slim = SlimSlice::from(full.clone()).to_slice();
+        // The kept fields come back exactly as sent.
+        let first = |s: &EndpointSlice| -> Vec<Vec<String>> {
+            s.endpoints
+                .iter()
+                .map(|e| e.addresses.iter().take(1).cloned().collect())
+                .collect()
+        };
+        assert_eq!(first(&slim), first(&full));
+        assert_eq!(slim.ports, full.ports);
+        assert_eq!(slim.metadata.uid, full.metadata.uid);
+        // Shared strings do not change what a slice is equal to.
+        let mut strings = Interner::default();
+        let x = SlimSlice::new(full.clone(), &mut strings);
+        assert_eq!(x, SlimSlice::new(full.clone(), &mut strings));
+        assert_eq!(x, SlimSlice::from(full.clone()));
         let svc = svc("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default, annotations: {service.kubernetes.io/topology-mode: Auto}}\n\
              spec:\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, targetPort: 8080, protocol: TCP}\n");
         for zone in [None, Some("a".to_string()), Some("b".to_string())] {
@@ -654,6 +887,36 @@ mod tests {
             assert_eq!(a.health_checks, b.health_checks);
             assert!(!a.errors.is_empty(), "the bad endpoints are reported");
         }
+    }
+
+    #[test]
+    fn packed_services_read_back_exactly() {
+        let y = "apiVersion: v1\nkind: Service\n\
+                 metadata: {name: web, namespace: default, uid: u1, resourceVersion: '7', creationTimestamp: '2024-01-02T03:04:05Z', labels: {a: b}, annotations: {service.kubernetes.io/topology-mode: Auto}}\n\
+                 spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10]\n  externalIPs: [192.0.2.1]\n\
+                 \x20 externalTrafficPolicy: Local\n  internalTrafficPolicy: Cluster\n  healthCheckNodePort: 30001\n\
+                 \x20 sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n  selector: {}\n\
+                 \x20 ports:\n  - {name: http, port: 80, targetPort: web, nodePort: 30080, protocol: TCP, appProtocol: http}\n\
+                 \x20 - {port: 53, targetPort: 53, protocol: UDP}\n\
+                 status: {loadBalancer: {ingress: [{ip: 192.0.2.9, ipMode: VIP}]}}\n";
+        let full = slim_service(svc(y));
+        assert_eq!(PackedService::new(&full).unpack(), full);
+        assert_eq!(PackedService::new(&full), PackedService::new(&full.clone()));
+        let mut c = cache();
+        c.apply_service(svc(y));
+        let ch = c.take_changes();
+        let mut plain = cache();
+        let out = model::desired_state(&plain.ctx, std::slice::from_ref(&full), &[]);
+        assert_eq!(
+            c.desired_state(),
+            out.state,
+            "{:?} {:?}",
+            ch.new_errors,
+            out.errors
+        );
+        assert_eq!(c.health_checks(), out.health_checks);
+        plain.apply_service(svc(y));
+        assert_eq!(plain.take_changes().new_errors, ch.new_errors);
     }
 
     #[test]

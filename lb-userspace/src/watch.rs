@@ -19,7 +19,7 @@ use kube::{Api, Client};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::cluster::{ClusterCache, SlimSlice};
+use crate::cluster::{ClusterCache, Interner, ListedService, ServiceList, SlimSlice};
 use crate::model::PROXY_LABEL_SELECTOR;
 
 /// One item from one of the watchers.
@@ -31,6 +31,11 @@ pub enum Update {
     Service(Event<Service>),
     Slice(Event<EndpointSlice>),
     Node(Event<Node>),
+    /// One Service of a list (`InitApply`), already slim: converted in the
+    /// watcher's task so that full objects never wait in the channel.
+    ListedService(ListedService),
+    /// One EndpointSlice of a list (`InitApply`), already slim.
+    ListedSlice(SlimSlice),
     /// A list or watch failed; the watcher retries with backoff.
     Failed {
         kind: &'static str,
@@ -56,15 +61,16 @@ impl Update {
     }
 }
 
-fn forward<K, S>(
+fn forward<K, S, W>(
     kind: &'static str,
     stream: S,
-    wrap: fn(Event<K>) -> Update,
+    mut wrap: W,
     tx: mpsc::Sender<Update>,
 ) -> tokio::task::JoinHandle<()>
 where
     K: Send + 'static,
     S: Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
+    W: FnMut(Event<K>) -> Update + Send + 'static,
 {
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -81,6 +87,29 @@ where
             }
         }
     })
+}
+
+fn wrap_service(ev: Event<Service>) -> Update {
+    match ev {
+        Event::InitApply(s) => Update::ListedService(ListedService::new(s)),
+        ev => Update::Service(ev),
+    }
+}
+
+/// Listed slices share node, zone and namespace strings through the task's
+/// own interner (pruned when a relist starts: what the cache still holds
+/// stays shared).
+fn slice_wrapper() -> impl FnMut(Event<EndpointSlice>) -> Update + Send + 'static {
+    let mut strings = Interner::default();
+    move |ev| match ev {
+        Event::InitApply(s) => Update::ListedSlice(SlimSlice::new(s, &mut strings)),
+        ev => {
+            if matches!(ev, Event::Init) {
+                strings.prune();
+            }
+            Update::Slice(ev)
+        }
+    }
 }
 
 /// Starts the three watchers. Their tasks end when the receiver is dropped.
@@ -101,8 +130,8 @@ pub fn spawn_watchers(
     let slices = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), cfg).default_backoff();
     let nodes = watcher::watcher(Api::<Node>::all(client), node_cfg).default_backoff();
     let handles = vec![
-        forward("Service", services, Update::Service, tx.clone()),
-        forward("EndpointSlice", slices, Update::Slice, tx.clone()),
+        forward("Service", services, wrap_service, tx.clone()),
+        forward("EndpointSlice", slices, slice_wrapper(), tx.clone()),
         forward("Node", nodes, Update::Node, tx),
     ];
     (rx, handles)
@@ -111,7 +140,7 @@ pub fn spawn_watchers(
 /// Objects of a relist in progress, per kind.
 #[derive(Debug, Default)]
 pub struct InitBuffers {
-    services: Option<Vec<Service>>,
+    services: Option<ServiceList>,
     slices: Option<Vec<SlimSlice>>,
     services_listed: bool,
     slices_listed: bool,
@@ -142,12 +171,12 @@ pub fn apply_update(cache: &mut ClusterCache, bufs: &mut InitBuffers, update: Up
         Update::Service(ev) => match ev {
             Event::Apply(s) => cache.apply_service(s),
             Event::Delete(s) => cache.delete_service(&s),
-            Event::Init => bufs.services = Some(Vec::new()),
-            Event::InitApply(s) => bufs.services.get_or_insert_with(Vec::new).push(s),
+            Event::Init => bufs.services = Some(ServiceList::default()),
+            Event::InitApply(s) => bufs.services.get_or_insert_with(Default::default).push(s),
             Event::InitDone => {
                 let all = bufs.services.take().unwrap_or_default();
                 debug!(services = all.len(), "Services listed");
-                cache.replace_services(all);
+                cache.replace_service_list(all);
                 bufs.services_listed = true;
             }
         },
@@ -155,7 +184,10 @@ pub fn apply_update(cache: &mut ClusterCache, bufs: &mut InitBuffers, update: Up
             Event::Apply(s) => cache.apply_slice(s),
             Event::Delete(s) => cache.delete_slice(&s),
             Event::Init => bufs.slices = Some(Vec::new()),
-            Event::InitApply(s) => bufs.slices.get_or_insert_with(Vec::new).push(s.into()),
+            Event::InitApply(s) => {
+                let s = cache.slim_slice(s);
+                bufs.slices.get_or_insert_with(Vec::new).push(s)
+            }
             Event::InitDone => {
                 let all = bufs.slices.take().unwrap_or_default();
                 debug!(slices = all.len(), "EndpointSlices listed");
@@ -163,6 +195,11 @@ pub fn apply_update(cache: &mut ClusterCache, bufs: &mut InitBuffers, update: Up
                 bufs.slices_listed = true;
             }
         },
+        Update::ListedService(s) => bufs
+            .services
+            .get_or_insert_with(Default::default)
+            .push_listed(s),
+        Update::ListedSlice(s) => bufs.slices.get_or_insert_with(Vec::new).push(s),
         Update::Node(ev) => {
             if let Event::Apply(n) | Event::InitApply(n) = ev {
                 cache.set_node(&n);

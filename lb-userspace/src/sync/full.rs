@@ -14,9 +14,7 @@ use super::{
     backend_tuple, node_addr_target, port_uses, too_many_backends, BackendTuple, Limits, Plan,
     SyncError, UseBits,
 };
-use crate::state::{
-    service_name_value, DesiredServicePort, DesiredState, MapContents, MapOp, ServicePortName,
-};
+use crate::state::{service_name_value, DesiredServicePort, MapContents, MapOp, ServicePortName};
 
 /// A service port the plan programs: its id and the backend uses it
 /// contributes (the desired-side memory of [`super::SyncState`]).
@@ -28,9 +26,9 @@ pub(super) struct Programmed {
 
 /// Plans the writes that make `applied` equal to `desired` (plus the node
 /// addresses), and reports what each programmed service port became.
-pub(super) fn plan(
+pub(super) fn plan<'a>(
     applied: &MapContents,
-    desired: &DesiredState,
+    desired: impl IntoIterator<Item = (&'a ServicePortName, &'a DesiredServicePort)>,
     node_addrs: &BTreeSet<Ipv4Addr>,
     limits: &Limits,
 ) -> Result<(Plan, Vec<Programmed>), SyncError> {
@@ -68,9 +66,10 @@ struct Admitted<'a> {
     keys: BTreeMap<ServiceKey, u16>,
 }
 
-/// Decides which service ports fit, in DesiredState order.
+/// Decides which service ports fit, in DesiredState order (`desired` must
+/// be sorted by name, without duplicates).
 fn admit<'a>(
-    desired: &'a DesiredState,
+    desired: impl IntoIterator<Item = (&'a ServicePortName, &'a DesiredServicePort)>,
     limits: &Limits,
     errors: &mut Vec<SyncError>,
 ) -> Vec<Admitted<'a>> {
@@ -78,7 +77,7 @@ fn admit<'a>(
     let mut owners: BTreeMap<ServiceKey, &ServicePortName> = BTreeMap::new();
     let mut backends: BTreeSet<BackendTuple> = BTreeSet::new();
     let mut slots: u64 = 0;
-    for (name, port) in &desired.services {
+    for (name, port) in desired {
         if let Some(e) = too_many_backends(name, port, limits) {
             errors.push(e);
             continue;

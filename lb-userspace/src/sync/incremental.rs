@@ -302,6 +302,17 @@ impl SyncState {
         desired: &DesiredState,
         node_addrs: &BTreeSet<Ipv4Addr>,
     ) -> Result<Plan, SyncError> {
+        self.plan_full_ports(&desired.services, node_addrs)
+    }
+
+    /// [`SyncState::plan_full`] over borrowed service ports, so a caller
+    /// that keeps them elsewhere need not build a [`DesiredState`]. They
+    /// must come sorted by name, each name once (a `DesiredState`'s order).
+    pub fn plan_full_ports<'a>(
+        &mut self,
+        desired: impl IntoIterator<Item = (&'a ServicePortName, &'a DesiredServicePort)>,
+        node_addrs: &BTreeSet<Ipv4Addr>,
+    ) -> Result<Plan, SyncError> {
         let (plan, programmed) = full::plan(&self.contents, desired, node_addrs, &self.limits)?;
         self.uses = Uses::from_programmed(programmed);
         Ok(plan)

@@ -183,7 +183,7 @@ pub fn plan_with_limits(
 ) -> Result<Plan, SyncError> {
     // Same code as SyncState::plan_full; no index is needed for a whole
     // diff, so `applied` is not copied into a SyncState.
-    full::plan(applied, desired, node_addrs, limits).map(|(plan, _)| plan)
+    full::plan(applied, &desired.services, node_addrs, limits).map(|(plan, _)| plan)
 }
 
 /// A backend's identity: (address, port, protocol), network byte order.

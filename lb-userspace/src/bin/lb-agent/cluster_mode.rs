@@ -140,7 +140,7 @@ pub async fn run(
             continue; // never program from half a picture
         }
         let t_model = Instant::now();
-        let changes = cache.take_changes();
+        let changes = cache.take_changes_for_plan();
         let model_time = t_model.elapsed();
         if changes.is_empty() && !pending_full {
             if pending_since.take().is_some() {
@@ -157,7 +157,7 @@ pub async fn run(
                 let t_plan = Instant::now();
                 let p = node
                     .sync
-                    .plan_full(&cache.desired_state(), &node.node_addrs)
+                    .plan_full_ports(cache.desired_ports(), &node.node_addrs)
                     .context("planning")?;
                 info!(
                     services = cache.service_count(),
