@@ -374,6 +374,19 @@ fn h1_health_check_node_port_and_agent_endpoints() {
         .unwrap();
     assert_eq!(mode, "ebpf");
 
+    // A1: the node being drained by the cluster autoscaler: /healthz 503
+    // (load balancers stop sending), /livez still 200 (no restart).
+    server.apply(&serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "node1"},
+        "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}
+    }));
+    wait_until("/healthz 503 on a node being deleted", WARMUP, || {
+        get("node1", 10256, "/healthz").contains(" 503 ")
+    });
+    assert!(get("node1", 10256, "/livez").contains(" 200 "));
+    assert!(get("node2", 10256, "/healthz").contains(" 200 "));
+
     // Back to Cluster: the health-check port closes.
     server.apply_yaml(&service_yaml("lbsvc", "LoadBalancer", VIP, &ports, ""));
     wait_until("the health-check node port to close", WARMUP, || {

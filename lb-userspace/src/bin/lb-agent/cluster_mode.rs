@@ -88,6 +88,14 @@ pub async fn run(
                 }
                 for u in batch {
                     let failed = matches!(u, Update::Failed { .. });
+                    // A1: /healthz turns 503 while this node is being deleted.
+                    if let Update::Node(
+                        kube::runtime::watcher::Event::Apply(n)
+                        | kube::runtime::watcher::Event::InitApply(n),
+                    ) = &u
+                    {
+                        node.health.sync_node(n);
+                    }
                     let contact = watch::apply_update(&mut cache, &mut bufs, u);
                     let now_connected = contact == Contact::Ok;
                     if now_connected != connected {
