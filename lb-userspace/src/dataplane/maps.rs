@@ -4,7 +4,7 @@
 use std::borrow::{Borrow, BorrowMut};
 use std::path::Path;
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{HashMap, IterableMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
     map_names, BackendSlot, BackendSlotKey, BackendValue, ConntrackEntry, ConntrackKey,
     NodeAddrValue, ServiceKey, ServiceName, ServiceValue, StatReason,
@@ -119,7 +119,133 @@ impl<T: Borrow<MapData>> AgentMaps<T> {
     }
 }
 
+/// Most elements per BPF_MAP_UPDATE_BATCH call.
+const BATCH: usize = 4096;
+
+/// BPF_MAP_UPDATE_BATCH (kernel 5.6+): one syscall for many elements of one
+/// hash map. aya 0.14 has no batch call. `keys` and `values` are arrays of
+/// exactly the map's key and value size (the lb-common types are).
+fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    name: &'static str,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), MapsError> {
+    use std::os::fd::{AsFd, AsRawFd};
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    debug_assert_eq!(keys.len(), values.len());
+    for (ks, vs) in keys.chunks(BATCH).zip(values.chunks(BATCH)) {
+        // union bpf_attr, `batch` member: in_batch, out_batch, keys, values
+        // (u64 each), count, map_fd (u32), elem_flags, flags (u64).
+        #[repr(C)]
+        struct BatchAttr {
+            in_batch: u64,
+            out_batch: u64,
+            keys: u64,
+            values: u64,
+            count: u32,
+            map_fd: u32,
+            elem_flags: u64,
+            flags: u64,
+        }
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: ks.as_ptr() as u64,
+            values: vs.as_ptr() as u64,
+            count: ks.len() as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: attr points at valid arrays of `count` keys and values that
+        // live for the call; the kernel only reads them (and writes count).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                std::ptr::from_mut(&mut attr),
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        if rc != 0 {
+            return Err(MapsError::Map {
+                name,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "BPF_MAP_UPDATE_BATCH",
+                    io_error: std::io::Error::last_os_error(),
+                }),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl<T: BorrowMut<MapData>> AgentMaps<T> {
+    /// Executes `ops` in order. Runs of puts into one map go to the kernel
+    /// in batches (one syscall per 4096 elements: the initial program of a
+    /// big cluster is hundreds of thousands of writes); the order between
+    /// runs, which keeps every backend set whole, is kept.
+    pub fn apply_all(&mut self, ops: &[MapOp]) -> Result<(), MapsError> {
+        let mut i = 0;
+        while i < ops.len() {
+            let run = ops[i..]
+                .iter()
+                .take_while(|o| std::mem::discriminant(*o) == std::mem::discriminant(&ops[i]))
+                .count();
+            let chunk = &ops[i..i + run];
+            match &ops[i] {
+                MapOp::PutBackend(..) if run > 1 => {
+                    let (k, v): (Vec<u32>, Vec<BackendValue>) = chunk
+                        .iter()
+                        .filter_map(|o| match o {
+                            MapOp::PutBackend(k, v) => Some((*k, *v)),
+                            _ => None,
+                        })
+                        .unzip();
+                    update_batch(self.backends.map(), map_names::BACKENDS, &k, &v)?;
+                }
+                MapOp::PutSlot(..) if run > 1 => {
+                    let (k, v): (Vec<BackendSlotKey>, Vec<BackendSlot>) = chunk
+                        .iter()
+                        .filter_map(|o| match o {
+                            MapOp::PutSlot(k, v) => Some((*k, *v)),
+                            _ => None,
+                        })
+                        .unzip();
+                    update_batch(self.slots.map(), map_names::BACKEND_SLOTS, &k, &v)?;
+                }
+                MapOp::PutService(..) if run > 1 => {
+                    let (k, v): (Vec<ServiceKey>, Vec<ServiceValue>) = chunk
+                        .iter()
+                        .filter_map(|o| match o {
+                            MapOp::PutService(k, v) => Some((*k, *v)),
+                            _ => None,
+                        })
+                        .unzip();
+                    update_batch(self.services.map(), map_names::SERVICES, &k, &v)?;
+                }
+                MapOp::PutName(..) if run > 1 => {
+                    let (k, v): (Vec<u32>, Vec<ServiceName>) = chunk
+                        .iter()
+                        .filter_map(|o| match o {
+                            MapOp::PutName(k, n) => Some((*k, service_name_value(n))),
+                            _ => None,
+                        })
+                        .unzip();
+                    update_batch(self.names.map(), map_names::SERVICE_NAMES, &k, &v)?;
+                }
+                _ => {
+                    for op in chunk {
+                        self.apply(op)?;
+                    }
+                }
+            }
+            i += run;
+        }
+        Ok(())
+    }
+
     /// Executes one map write.
     pub fn apply(&mut self, op: &MapOp) -> Result<(), MapsError> {
         match op {

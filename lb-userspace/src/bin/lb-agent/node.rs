@@ -148,14 +148,13 @@ impl NodeAgent {
         }
         let n = plan.ops.len();
         let t0 = Instant::now();
+        if let Err(e) = self.dp.maps.apply_all(&plan.ops) {
+            // Some of the plan may be in the maps: re-read them before the
+            // next plan.
+            self.needs_resync = true;
+            return Err(anyhow::anyhow!("map writes failed: {}", error_chain(&e)));
+        }
         for op in &plan.ops {
-            if let Err(e) = self.dp.maps.apply(op) {
-                self.needs_resync = true;
-                return Err(anyhow::anyhow!(
-                    "map write {op:?} failed: {}",
-                    error_chain(&e)
-                ));
-            }
             self.sync.apply(op);
         }
         self.metrics.observe_sync(t0.elapsed());
