@@ -626,6 +626,24 @@ impl ClusterCache {
     }
 
     /// The API object an error is about (for its Event).
+    /// The API object of a Service, for an Event about it.
+    pub fn service_reference(&self, namespace: &str, name: &str) -> Option<ObjectReference> {
+        let meta = self
+            .services
+            .get(&(namespace.to_string(), name.to_string()))?
+            .unpack()
+            .metadata;
+        Some(ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Service".into()),
+            namespace: meta.namespace,
+            name: meta.name,
+            uid: meta.uid,
+            resource_version: meta.resource_version,
+            ..ObjectReference::default()
+        })
+    }
+
     fn reference_of(&self, e: &ObjectError) -> Option<ObjectReference> {
         let ns = e.namespace.clone().unwrap_or_else(|| "default".into());
         let (api_version, kind, meta) = match e.kind {

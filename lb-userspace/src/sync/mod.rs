@@ -163,6 +163,22 @@ pub enum SyncError {
     IdsExhausted { what: &'static str },
 }
 
+impl SyncError {
+    /// namespace and name of the Service an error is about, if one.
+    pub fn service_ref(&self) -> Option<(String, String)> {
+        let service = match self {
+            SyncError::TooManyBackends { service, .. }
+            | SyncError::MapFull { service, .. }
+            | SyncError::DuplicateFrontend { service, .. } => service,
+            SyncError::TooManyNodeAddrs { .. } | SyncError::IdsExhausted { .. } => return None,
+        };
+        // ServicePortName's Display: namespace/name:port/PROTO or namespace/name/PROTO.
+        let (ns, rest) = service.split_once('/')?;
+        let name = rest.split([':', '/']).next()?;
+        Some((ns.to_string(), name.to_string()))
+    }
+}
+
 /// [`plan_with_limits`] with the capacities of lb-common.
 pub fn plan(
     applied: &MapContents,

@@ -1566,3 +1566,21 @@ fn one_endpoint_change_at_scale_is_a_handful_of_ops() {
     let p = s.plan_ports(&changes(vec![(name, Some(port))])).unwrap();
     assert!(p.ops.len() <= 4, "{:?}", p.ops);
 }
+
+#[test]
+fn planner_errors_name_their_service() {
+    let e = SyncError::DuplicateFrontend {
+        service: "prod/api:http/TCP".into(),
+        frontend: "10.96.0.10:80/TCP".into(),
+        owner: "prod/web:http/TCP".into(),
+    };
+    assert_eq!(e.service_ref(), Some(("prod".into(), "api".into())));
+    let e = SyncError::MapFull {
+        service: "default/dns/UDP".into(),
+        map: "LB_BACKENDS",
+        max: 1,
+    };
+    assert_eq!(e.service_ref(), Some(("default".into(), "dns".into())));
+    let e = SyncError::IdsExhausted { what: "service" };
+    assert_eq!(e.service_ref(), None);
+}

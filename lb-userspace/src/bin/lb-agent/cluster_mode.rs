@@ -11,7 +11,9 @@ use kube::Client;
 use lb_userspace::cluster::{Changes, ClusterCache};
 use lb_userspace::health::ServiceHealthServers;
 use lb_userspace::model::{NodeContext, ObjectError};
+use lb_userspace::sync::SyncError;
 use lb_userspace::watch::{self, Contact, InitBuffers, Update};
+use std::collections::BTreeSet;
 use tokio::signal::unix::Signal;
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
@@ -27,8 +29,11 @@ pub struct ClusterSettings {
 /// Publishes a Warning Event on an object the agent cannot program. Runs in
 /// its own task: a slow or failing API server never holds up programming.
 fn publish_warning(recorder: &Recorder, reference: ObjectReference, err: &ObjectError) {
+    publish_note(recorder, reference, err.to_string());
+}
+
+fn publish_note(recorder: &Recorder, reference: ObjectReference, note: String) {
     let recorder = recorder.clone();
-    let note = err.to_string();
     tokio::spawn(async move {
         let ev = KubeEvent {
             type_: EventType::Warning,
@@ -69,6 +74,8 @@ pub async fn run(
     let mut bufs = InitBuffers::default();
     let mut connected = false;
     let mut pending_full = true;
+    // Planner errors already published as Events.
+    let mut reported: BTreeSet<String> = BTreeSet::new();
     // When the oldest change not yet programmed was seen.
     let mut pending_since: Option<Instant> = None;
     node.metrics.set_apiserver_connected(false);
@@ -182,7 +189,10 @@ pub async fn run(
                     "ports",
                 )
             };
-            node.apply(plan, started, scope)
+            let errors = plan.errors.clone();
+            let n = node.apply(plan, started, scope)?;
+            report_plan_errors(&node, &recorder, &cache, &errors, &mut reported, full);
+            Ok(n)
         });
         match result {
             Ok(_) => {
@@ -200,6 +210,38 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// The planner's rejections (a frontend already taken, more backends than a
+/// map holds) get a Warning Event on their Service, once while they last.
+fn report_plan_errors(
+    node: &NodeAgent,
+    recorder: &Recorder,
+    cache: &ClusterCache,
+    errors: &[SyncError],
+    reported: &mut BTreeSet<String>,
+    full: bool,
+) {
+    let now: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
+    for e in errors {
+        let text = e.to_string();
+        if reported.contains(&text) {
+            continue;
+        }
+        let Some((ns, name)) = e.service_ref() else {
+            continue;
+        };
+        node.metrics.inc_rejected_object("Service");
+        if let Some(reference) = cache.service_reference(&ns, &name) {
+            publish_note(recorder, reference, text.clone());
+        }
+    }
+    if full {
+        // A full plan sees every error that still holds.
+        *reported = now;
+    } else {
+        reported.extend(now);
+    }
 }
 
 fn report_errors(node: &NodeAgent, recorder: &Recorder, changes: &Changes) {
