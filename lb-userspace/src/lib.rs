@@ -16,4 +16,6 @@ pub mod model;
 pub mod netlink;
 pub mod state;
 pub mod sync;
+#[cfg(test)]
+mod test_support;
 pub mod watch;

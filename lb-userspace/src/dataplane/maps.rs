@@ -181,6 +181,17 @@ fn update_batch<K: aya::Pod, V: aya::Pod>(
     Ok(())
 }
 
+/// One batched write of a run of puts into one map.
+fn batch_puts<K: aya::Pod, V: aya::Pod>(
+    run: &[MapOp],
+    entry: impl Fn(&MapOp) -> Option<(K, V)>,
+    map: &MapData,
+    name: &'static str,
+) -> Result<(), MapsError> {
+    let (keys, values): (Vec<K>, Vec<V>) = run.iter().filter_map(entry).unzip();
+    update_batch(map, name, &keys, &values)
+}
+
 impl<T: BorrowMut<MapData>> AgentMaps<T> {
     /// Executes `ops` in order. Runs of puts into one map go to the kernel
     /// in batches (one syscall per 4096 elements: the initial program of a
@@ -195,46 +206,42 @@ impl<T: BorrowMut<MapData>> AgentMaps<T> {
                 .count();
             let chunk = &ops[i..i + run];
             match &ops[i] {
-                MapOp::PutBackend(..) if run > 1 => {
-                    let (k, v): (Vec<u32>, Vec<BackendValue>) = chunk
-                        .iter()
-                        .filter_map(|o| match o {
-                            MapOp::PutBackend(k, v) => Some((*k, *v)),
-                            _ => None,
-                        })
-                        .unzip();
-                    update_batch(self.backends.map(), map_names::BACKENDS, &k, &v)?;
-                }
-                MapOp::PutSlot(..) if run > 1 => {
-                    let (k, v): (Vec<BackendSlotKey>, Vec<BackendSlot>) = chunk
-                        .iter()
-                        .filter_map(|o| match o {
-                            MapOp::PutSlot(k, v) => Some((*k, *v)),
-                            _ => None,
-                        })
-                        .unzip();
-                    update_batch(self.slots.map(), map_names::BACKEND_SLOTS, &k, &v)?;
-                }
-                MapOp::PutService(..) if run > 1 => {
-                    let (k, v): (Vec<ServiceKey>, Vec<ServiceValue>) = chunk
-                        .iter()
-                        .filter_map(|o| match o {
-                            MapOp::PutService(k, v) => Some((*k, *v)),
-                            _ => None,
-                        })
-                        .unzip();
-                    update_batch(self.services.map(), map_names::SERVICES, &k, &v)?;
-                }
-                MapOp::PutName(..) if run > 1 => {
-                    let (k, v): (Vec<u32>, Vec<ServiceName>) = chunk
-                        .iter()
-                        .filter_map(|o| match o {
-                            MapOp::PutName(k, n) => Some((*k, service_name_value(n))),
-                            _ => None,
-                        })
-                        .unzip();
-                    update_batch(self.names.map(), map_names::SERVICE_NAMES, &k, &v)?;
-                }
+                MapOp::PutBackend(..) if run > 1 => batch_puts(
+                    chunk,
+                    |o| match o {
+                        MapOp::PutBackend(k, v) => Some((*k, *v)),
+                        _ => None,
+                    },
+                    self.backends.map(),
+                    map_names::BACKENDS,
+                )?,
+                MapOp::PutSlot(..) if run > 1 => batch_puts(
+                    chunk,
+                    |o| match o {
+                        MapOp::PutSlot(k, v) => Some((*k, *v)),
+                        _ => None,
+                    },
+                    self.slots.map(),
+                    map_names::BACKEND_SLOTS,
+                )?,
+                MapOp::PutService(..) if run > 1 => batch_puts(
+                    chunk,
+                    |o| match o {
+                        MapOp::PutService(k, v) => Some((*k, *v)),
+                        _ => None,
+                    },
+                    self.services.map(),
+                    map_names::SERVICES,
+                )?,
+                MapOp::PutName(..) if run > 1 => batch_puts(
+                    chunk,
+                    |o| match o {
+                        MapOp::PutName(k, n) => Some((*k, service_name_value(n))),
+                        _ => None,
+                    },
+                    self.names.map(),
+                    map_names::SERVICE_NAMES,
+                )?,
                 _ => {
                     for op in chunk {
                         self.apply(op)?;

@@ -3,12 +3,12 @@
 //! (`in_private_netns`), never in the root one.
 
 use super::*;
+use crate::test_support::{get, read_response};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::UNIX_EPOCH;
 
-use http_body_util::BodyExt;
 use hyper::header::HeaderMap;
 use k8s_openapi::api::core::v1::{NodeSpec, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -21,22 +21,6 @@ fn t0() -> Moment {
         wall: UNIX_EPOCH + Duration::from_secs(1_714_557_600),
         mono: Instant::now(),
     }
-}
-
-fn get(path: &str) -> Request<()> {
-    Request::builder().uri(path).body(()).expect("request")
-}
-
-fn body_of(resp: Response<Full<Bytes>>) -> (StatusCode, HeaderMap, String) {
-    let (parts, body) = resp.into_parts();
-    let bytes = futures::executor::block_on(body.collect())
-        .expect("Full never fails")
-        .to_bytes();
-    (
-        parts.status,
-        parts.headers,
-        String::from_utf8(bytes.to_vec()).expect("utf-8 body"),
-    )
 }
 
 fn json(s: &str) -> serde_json::Value {
@@ -56,7 +40,7 @@ fn a1_healthz_200_after_an_update_with_kube_proxy_body() {
     let t = t0();
     h.updated_at(t);
     let now = t.after(Duration::from_millis(1500));
-    let (status, headers, body) = body_of(health_response(&h, &get("/healthz"), now));
+    let (status, headers, body) = read_response(health_response(&h, &get("/healthz"), now));
     assert_eq!(status, StatusCode::OK);
     assert_json_headers(&headers);
     // kube-proxy's exact layout; healthy -> lastUpdated is reported as now.
@@ -107,7 +91,7 @@ fn a1_healthz_and_livez_503_when_an_update_is_pending_longer_than_the_timeout() 
     h.queued_update_at(t.after(Duration::from_secs(50)));
     let now = t.after(Duration::from_secs(61));
     assert!(!h.is_healthy(now));
-    let (status, headers, body) = body_of(health_response(&h, &get("/healthz"), now));
+    let (status, headers, body) = read_response(health_response(&h, &get("/healthz"), now));
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_json_headers(&headers);
     // Unhealthy: the real last update is reported.
@@ -115,7 +99,7 @@ fn a1_healthz_and_livez_503_when_an_update_is_pending_longer_than_the_timeout() 
         body,
         r#"{"lastUpdated": "2024-05-01T10:00:00Z","currentTime": "2024-05-01T10:01:01Z", "nodeEligible": true}"#
     );
-    let (status, _, body) = body_of(health_response(&h, &get("/livez"), now));
+    let (status, _, body) = read_response(health_response(&h, &get("/livez"), now));
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         body,
@@ -153,7 +137,7 @@ fn a1_node_not_eligible_healthz_503_livez_200() {
     h.updated_at(t);
     h.set_node_eligible(false);
     let now = t.after(Duration::from_secs(2));
-    let (status, headers, body) = body_of(health_response(&h, &get("/healthz"), now));
+    let (status, headers, body) = read_response(health_response(&h, &get("/healthz"), now));
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_json_headers(&headers);
     // Not healthy overall -> lastUpdated is the real one.
@@ -161,7 +145,7 @@ fn a1_node_not_eligible_healthz_503_livez_200() {
         body,
         r#"{"lastUpdated": "2024-05-01T10:00:00Z","currentTime": "2024-05-01T10:00:02Z", "nodeEligible": false}"#
     );
-    let (status, _, body) = body_of(health_response(&h, &get("/livez"), now));
+    let (status, _, body) = read_response(health_response(&h, &get("/livez"), now));
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         body,
@@ -218,7 +202,7 @@ fn a1_node_eligibility_follows_deletion_and_autoscaler_taint() {
 fn a1_other_paths_are_404() {
     let h = ProxyHealth::new(TIMEOUT);
     for p in ["/", "/healthz/", "/metrics", "/livezz", "/HEALTHZ"] {
-        let (status, headers, body) = body_of(health_response(&h, &get(p), t0()));
+        let (status, headers, body) = read_response(health_response(&h, &get(p), t0()));
         assert_eq!(status, StatusCode::NOT_FOUND, "{p}");
         assert_eq!(headers[CONTENT_TYPE], "text/plain; charset=utf-8");
         assert_eq!(body, "404 page not found\n");
@@ -236,7 +220,7 @@ fn a1_rfc3339_keeps_sub_second_precision() {
 
 #[test]
 fn h1_200_with_local_endpoints_and_healthy_proxy_exact_body() {
-    let (status, headers, body) = body_of(service_health_response("default", "web", 2, true));
+    let (status, headers, body) = read_response(service_health_response("default", "web", 2, true));
     assert_eq!(status, StatusCode::OK);
     assert_json_headers(&headers);
     // kube-proxy's bytes (dedented template, tabs, no trailing newline).
@@ -257,7 +241,7 @@ fn h1_200_with_local_endpoints_and_healthy_proxy_exact_body() {
 
 #[test]
 fn h1_503_without_local_endpoints() {
-    let (status, headers, body) = body_of(service_health_response("ns1", "api", 0, true));
+    let (status, headers, body) = read_response(service_health_response("ns1", "api", 0, true));
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_json_headers(&headers);
     let v = json(&body);
@@ -269,7 +253,7 @@ fn h1_503_without_local_endpoints() {
 
 #[test]
 fn h1_503_when_proxy_unhealthy_even_with_endpoints() {
-    let (status, _, body) = body_of(service_health_response("ns1", "api", 3, false));
+    let (status, _, body) = read_response(service_health_response("ns1", "api", 3, false));
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     let v = json(&body);
     assert_eq!(v["localEndpoints"], 3);

@@ -1,22 +1,5 @@
 use super::*;
-
-use http_body_util::BodyExt;
-
-fn get(path: &str) -> Request<()> {
-    Request::builder().uri(path).body(()).expect("request")
-}
-
-fn answer(resp: Response<Full<Bytes>>) -> (StatusCode, hyper::HeaderMap, String) {
-    let (parts, body) = resp.into_parts();
-    let bytes = futures::executor::block_on(body.collect())
-        .expect("Full never fails")
-        .to_bytes();
-    (
-        parts.status,
-        parts.headers,
-        String::from_utf8(bytes.to_vec()).expect("utf-8"),
-    )
-}
+use crate::test_support::{get, read_response};
 
 /// A sample line split into (name, labels as written, value).
 fn parse_sample(line: &str) -> (String, Vec<(String, String)>, String) {
@@ -463,7 +446,7 @@ fn a3_lb_metrics_and_label_escaping() {
 fn a2_metrics_endpoint_content_type_and_body() {
     let m = Metrics::new();
     m.add_endpoint_changes(1);
-    let (status, headers, body) = answer(metrics_response(&m, &get("/metrics")));
+    let (status, headers, body) = read_response(metrics_response(&m, &get("/metrics")));
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers[CONTENT_TYPE], PROMETHEUS_CONTENT_TYPE);
     assert_eq!(body, m.render());
@@ -472,15 +455,15 @@ fn a2_metrics_endpoint_content_type_and_body() {
 #[test]
 fn a2_proxy_mode_prints_ebpf() {
     let m = Metrics::new();
-    let (status, headers, body) = answer(metrics_response(&m, &get("/proxyMode")));
+    let (status, headers, body) = read_response(metrics_response(&m, &get("/proxyMode")));
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, "ebpf");
     assert_eq!(headers[CONTENT_TYPE], "text/plain; charset=utf-8");
     assert_eq!(headers["x-content-type-options"], "nosniff");
-    let (status, _, body) = answer(metrics_response(&m, &get("/healthz")));
+    let (status, _, body) = read_response(metrics_response(&m, &get("/healthz")));
     assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
     for p in ["/", "/metrics/", "/proxymode", "/livez"] {
-        let (status, _, body) = answer(metrics_response(&m, &get(p)));
+        let (status, _, body) = read_response(metrics_response(&m, &get(p)));
         assert_eq!(status, StatusCode::NOT_FOUND, "{p}");
         assert_eq!(body, "404 page not found\n");
     }
