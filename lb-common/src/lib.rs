@@ -25,7 +25,8 @@ pub mod map_names {
     pub const AFFINITY: &str = "LB_AFFINITY";
     pub const NODE_ADDRS: &str = "LB_NODE_ADDRS";
     pub const STATS: &str = "LB_STATS";
-    /// Userspace-only: service id -> human readable name, for lbctl.
+    /// Userspace-only: service id -> the service port it belongs to
+    /// (`ServicePortNameValue`): how a restarted agent knows its ids.
     pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
     /// Uplink ifindex -> its primary IPv4 address (SNAT source).
     pub const UPLINK_ADDRS: &str = "LB_UPLINK_ADDRS";
@@ -255,43 +256,71 @@ pub struct UplinkAddr {
     pub addr: u32,
 }
 
-/// Human-readable name of a service port (`namespace/name:port/PROTO`), for
-/// lbctl. Written by the agent, never read by the datapath.
-pub const SERVICE_NAME_LEN: usize = 124;
+/// Longest namespace and Service name Kubernetes allows (RFC 1035 labels).
+pub const MAX_NAME_LEN: usize = 63;
+/// Longest Service port name Kubernetes allows (an IANA service name).
+pub const MAX_PORT_NAME_LEN: usize = 15;
+
+/// The identity of a service port (kube-proxy's ServicePortName:
+/// namespace, Service name, port name, protocol), stored field by field so
+/// that it reads back exactly: the agent re-learns which service id belongs
+/// to which service port from this map after a restart. Never read by the
+/// datapath; lbctl prints it. Lengths are bytes of UTF-8; the unused tail of
+/// each field is zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
-pub struct ServiceName {
-    pub len: u32,
-    pub name: [u8; SERVICE_NAME_LEN],
+pub struct ServicePortNameValue {
+    /// IP protocol number (`PROTO_TCP`, `PROTO_UDP`).
+    pub protocol: u8,
+    pub namespace_len: u8,
+    pub name_len: u8,
+    pub port_name_len: u8,
+    pub namespace: [u8; MAX_NAME_LEN + 1],
+    pub name: [u8; MAX_NAME_LEN + 1],
+    pub port_name: [u8; MAX_PORT_NAME_LEN + 1],
 }
 
-impl Default for ServiceName {
+impl Default for ServicePortNameValue {
     fn default() -> Self {
-        Self {
-            len: 0,
-            name: [0; SERVICE_NAME_LEN],
-        }
+        Zeroable::zeroed()
     }
 }
 
-impl ServiceName {
-    /// Truncates to `SERVICE_NAME_LEN` bytes (on a char boundary).
-    pub fn new(s: &str) -> Self {
-        let mut end = s.len().min(SERVICE_NAME_LEN);
-        while !s.is_char_boundary(end) {
-            end -= 1;
+impl ServicePortNameValue {
+    /// `None` when a part is longer than Kubernetes allows.
+    pub fn new(namespace: &str, name: &str, port_name: &str, protocol: u8) -> Option<Self> {
+        fn put<const N: usize>(s: &str, max: usize) -> Option<([u8; N], u8)> {
+            if s.len() > max || max >= N {
+                return None;
+            }
+            let mut out = [0u8; N];
+            out[..s.len()].copy_from_slice(s.as_bytes());
+            Some((out, s.len() as u8))
         }
-        let mut name = [0u8; SERVICE_NAME_LEN];
-        name[..end].copy_from_slice(&s.as_bytes()[..end]);
-        Self {
-            len: end as u32,
+        let (namespace, namespace_len) = put(namespace, MAX_NAME_LEN)?;
+        let (name, name_len) = put(name, MAX_NAME_LEN)?;
+        let (port_name, port_name_len) = put(port_name, MAX_PORT_NAME_LEN)?;
+        Some(Self {
+            protocol,
+            namespace_len,
+            name_len,
+            port_name_len,
+            namespace,
             name,
-        }
+            port_name,
+        })
     }
 
-    pub fn as_str(&self) -> &str {
-        let len = (self.len as usize).min(SERVICE_NAME_LEN);
-        core::str::from_utf8(&self.name[..len]).unwrap_or("<invalid utf-8>")
+    /// (namespace, name, port name); `None` if a field does not decode.
+    pub fn parts(&self) -> Option<(&str, &str, &str)> {
+        fn get(bytes: &[u8], len: u8) -> Option<&str> {
+            core::str::from_utf8(bytes.get(..usize::from(len))?).ok()
+        }
+        Some((
+            get(&self.namespace, self.namespace_len)?,
+            get(&self.name, self.name_len)?,
+            get(&self.port_name, self.port_name_len)?,
+        ))
     }
 }
 
@@ -538,7 +567,7 @@ mod user {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for NodeAddrValue {}
     unsafe impl aya::Pod for UplinkAddr {}
-    unsafe impl aya::Pod for ServiceName {}
+    unsafe impl aya::Pod for ServicePortNameValue {}
     unsafe impl aya::Pod for DatapathConfig {}
 }
 
@@ -563,7 +592,7 @@ mod tests {
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<NodeAddrValue>(), 4);
         assert_eq!(size_of::<UplinkAddr>(), 4);
-        assert_eq!(size_of::<ServiceName>(), 128);
+        assert_eq!(size_of::<ServicePortNameValue>(), 148);
         assert_eq!(size_of::<DatapathConfig>(), 32);
     }
 
@@ -686,12 +715,23 @@ mod tests {
     }
 
     #[test]
-    fn service_name_truncates_on_char_boundary() {
-        let n = ServiceName::new("default/web:http/TCP");
-        assert_eq!(n.as_str(), "default/web:http/TCP");
-        let long = "é".repeat(100); // 200 bytes
-        let n = ServiceName::new(&long);
-        assert!(n.as_str().len() <= SERVICE_NAME_LEN);
-        assert!(n.as_str().chars().all(|c| c == 'é'));
+    fn service_port_names_read_back_exactly() {
+        let n = ServicePortNameValue::new("kube-system", "kube-dns", "dns-tcp", PROTO_TCP).unwrap();
+        assert_eq!(n.parts(), Some(("kube-system", "kube-dns", "dns-tcp")));
+        assert_eq!(n.protocol, PROTO_TCP);
+        // Longest allowed, and one byte more (no allocation in no_std).
+        let a = [b'a'; MAX_NAME_LEN + 1];
+        let p = [b'p'; MAX_PORT_NAME_LEN + 1];
+        let too_long = core::str::from_utf8(&a).unwrap();
+        let port_too_long = core::str::from_utf8(&p).unwrap();
+        let long = &too_long[..MAX_NAME_LEN];
+        let port = &port_too_long[..MAX_PORT_NAME_LEN];
+        let n = ServicePortNameValue::new(long, long, port, PROTO_UDP).unwrap();
+        assert_eq!(n.parts(), Some((long, long, port)));
+        assert!(ServicePortNameValue::new(too_long, "x", "", PROTO_TCP).is_none());
+        assert!(ServicePortNameValue::new("x", "y", port_too_long, PROTO_TCP).is_none());
+        let mut bad = ServicePortNameValue::new("x", "y", "", PROTO_TCP).unwrap();
+        bad.name_len = 200;
+        assert_eq!(bad.parts(), None);
     }
 }

@@ -1,21 +1,15 @@
-//! lb's userspace: the node agent (`lb-agent`) and the inspection CLI (`lbctl`).
+//! lb's userspace: the node agent (`lb-agent`) and the inspection CLI
+//! (`lbctl`). One direction of flow, each stage testable alone:
 //!
-//! Flow, one direction, each stage testable alone:
-//! `manifest` (source) -> `model` (pure) -> `sync` (pure diff) -> `dataplane` (aya).
-//! Side: `inspect` (lbctl's views), `netlink` (interfaces and addresses).
+//! ```text
+//! source/    watchers | manifest file -> validated inputs, model output (lb-core)
+//! (lb-core)  model -> desired state; plan -> ordered map writes
+//! dataplane/ load, pin, attach; map writes; netlink; conntrack GC; raw bpf(2)
+//! agent/     the control loop of both modes
+//! observe/   /healthz, health-check node ports, /metrics; lbctl's views
+//! ```
 
 pub mod agent;
-pub mod cluster;
-pub mod conntrack_gc;
 pub mod dataplane;
-pub mod health;
-pub mod inspect;
-pub mod manifest;
-pub mod metrics;
-pub mod model;
-pub mod netlink;
-pub mod state;
-pub mod sync;
-#[cfg(test)]
-mod test_support;
-pub mod watch;
+pub mod observe;
+pub mod source;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::dataplane::{self, AgentMaps, DatapathMaps};
-use lb_userspace::inspect;
+use lb_userspace::observe::views as inspect;
 
 #[derive(Parser, Debug)]
 #[command(name = "lbctl", version, about = "Inspect lb's BPF maps")]

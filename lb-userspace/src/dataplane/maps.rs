@@ -7,11 +7,13 @@ use std::path::Path;
 use aya::maps::{HashMap, IterableMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
     map_names, BackendSlot, BackendSlotKey, BackendValue, ConntrackEntry, ConntrackKey,
-    NodeAddrValue, ServiceKey, ServiceName, ServiceValue, StatReason,
+    NodeAddrValue, ServiceKey, ServicePortNameValue, ServiceValue, StatReason,
 };
+use lb_core::{MapContents, MapOp, ServicePortName};
 use thiserror::Error;
+use tracing::warn;
 
-use crate::state::{service_name_value, MapContents, MapOp};
+use super::sys;
 
 #[derive(Debug, Error)]
 pub enum MapsError {
@@ -23,6 +25,8 @@ pub enum MapsError {
     },
     #[error("map {name} is missing from the eBPF object")]
     Missing { name: &'static str },
+    #[error("service port {0}: a name part is longer than Kubernetes allows; cannot be stored")]
+    NameTooLong(ServicePortName),
     #[error(
         "cannot open pinned map {path}: {source} (is the agent running, and is --bpffs right?)"
     )]
@@ -42,7 +46,7 @@ pub struct AgentMaps<T> {
     pub services: HashMap<T, ServiceKey, ServiceValue>,
     pub slots: HashMap<T, BackendSlotKey, BackendSlot>,
     pub backends: HashMap<T, u32, BackendValue>,
-    pub names: HashMap<T, u32, ServiceName>,
+    pub names: HashMap<T, u32, ServicePortNameValue>,
     pub node_addrs: HashMap<T, u32, NodeAddrValue>,
 }
 
@@ -110,7 +114,17 @@ impl<T: Borrow<MapData>> AgentMaps<T> {
         }
         for kv in self.names.iter() {
             let (k, v) = kv.map_err(err(map_names::SERVICE_NAMES))?;
-            c.names.insert(k, v.as_str().to_string());
+            match ServicePortName::from_map_value(&v) {
+                Some(n) => {
+                    c.names.insert(k, n);
+                }
+                // Left out: the planner then sees the id's other entries as
+                // belonging to no port, and a full plan removes them.
+                None => warn!(
+                    service_id = k,
+                    "LB_SERVICE_NAMES entry does not decode; ignored"
+                ),
+            }
         }
         for k in self.node_addrs.keys() {
             c.node_addrs.insert(k.map_err(err(map_names::NODE_ADDRS))?);
@@ -119,77 +133,21 @@ impl<T: Borrow<MapData>> AgentMaps<T> {
     }
 }
 
-/// Most elements per BPF_MAP_UPDATE_BATCH call.
-const BATCH: usize = 4096;
-
-/// BPF_MAP_UPDATE_BATCH (kernel 5.6+): one syscall for many elements of one
-/// hash map. aya 0.14 has no batch call. `keys` and `values` are arrays of
-/// exactly the map's key and value size (the lb-common types are).
-fn update_batch<K: aya::Pod, V: aya::Pod>(
-    map: &MapData,
-    name: &'static str,
-    keys: &[K],
-    values: &[V],
-) -> Result<(), MapsError> {
-    use std::os::fd::{AsFd, AsRawFd};
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    debug_assert_eq!(keys.len(), values.len());
-    for (ks, vs) in keys.chunks(BATCH).zip(values.chunks(BATCH)) {
-        // union bpf_attr, `batch` member: in_batch, out_batch, keys, values
-        // (u64 each), count, map_fd (u32), elem_flags, flags (u64).
-        #[repr(C)]
-        struct BatchAttr {
-            in_batch: u64,
-            out_batch: u64,
-            keys: u64,
-            values: u64,
-            count: u32,
-            map_fd: u32,
-            elem_flags: u64,
-            flags: u64,
-        }
-        let mut attr = BatchAttr {
-            in_batch: 0,
-            out_batch: 0,
-            keys: ks.as_ptr() as u64,
-            values: vs.as_ptr() as u64,
-            count: ks.len() as u32,
-            map_fd: map.fd().as_fd().as_raw_fd() as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: attr points at valid arrays of `count` keys and values that
-        // live for the call; the kernel only reads them (and writes count).
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                std::ptr::from_mut(&mut attr),
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        if rc != 0 {
-            return Err(MapsError::Map {
-                name,
-                source: MapError::SyscallError(aya::sys::SyscallError {
-                    call: "BPF_MAP_UPDATE_BATCH",
-                    io_error: std::io::Error::last_os_error(),
-                }),
-            });
-        }
-    }
-    Ok(())
-}
-
 /// One batched write of a run of puts into one map.
 fn batch_puts<K: aya::Pod, V: aya::Pod>(
     run: &[MapOp],
-    entry: impl Fn(&MapOp) -> Option<(K, V)>,
+    entry: impl FnMut(&MapOp) -> Option<(K, V)>,
     map: &MapData,
     name: &'static str,
 ) -> Result<(), MapsError> {
     let (keys, values): (Vec<K>, Vec<V>) = run.iter().filter_map(entry).unzip();
-    update_batch(map, name, &keys, &values)
+    sys::map_update_batch(map, &keys, &values).map_err(|io_error| MapsError::Map {
+        name,
+        source: MapError::SyscallError(aya::sys::SyscallError {
+            call: "BPF_MAP_UPDATE_BATCH",
+            io_error,
+        }),
+    })
 }
 
 impl<T: BorrowMut<MapData>> AgentMaps<T> {
@@ -233,15 +191,27 @@ impl<T: BorrowMut<MapData>> AgentMaps<T> {
                     self.services.map(),
                     map_names::SERVICES,
                 )?,
-                MapOp::PutName(..) if run > 1 => batch_puts(
-                    chunk,
-                    |o| match o {
-                        MapOp::PutName(k, n) => Some((*k, service_name_value(n))),
-                        _ => None,
-                    },
-                    self.names.map(),
-                    map_names::SERVICE_NAMES,
-                )?,
+                MapOp::PutName(..) if run > 1 => {
+                    let mut too_long = None;
+                    batch_puts(
+                        chunk,
+                        |o| match o {
+                            MapOp::PutName(k, n) => match n.to_map_value() {
+                                Some(v) => Some((*k, v)),
+                                None => {
+                                    too_long.get_or_insert_with(|| n.clone());
+                                    None
+                                }
+                            },
+                            _ => None,
+                        },
+                        self.names.map(),
+                        map_names::SERVICE_NAMES,
+                    )?;
+                    if let Some(n) = too_long {
+                        return Err(MapsError::NameTooLong(n));
+                    }
+                }
                 _ => {
                     for op in chunk {
                         self.apply(op)?;
@@ -264,10 +234,14 @@ impl<T: BorrowMut<MapData>> AgentMaps<T> {
                 .slots
                 .insert(k, v, 0)
                 .map_err(err(map_names::BACKEND_SLOTS)),
-            MapOp::PutName(id, n) => self
-                .names
-                .insert(id, service_name_value(n), 0)
-                .map_err(err(map_names::SERVICE_NAMES)),
+            MapOp::PutName(id, n) => {
+                let v = n
+                    .to_map_value()
+                    .ok_or_else(|| MapsError::NameTooLong(n.clone()))?;
+                self.names
+                    .insert(id, v, 0)
+                    .map_err(err(map_names::SERVICE_NAMES))
+            }
             MapOp::PutNodeAddr(a) => self
                 .node_addrs
                 .insert(a, NodeAddrValue { flags: 0 }, 0)

@@ -8,11 +8,13 @@
 //! process itself holds no link: the pins do, so an agent that exits or
 //! crashes leaves the datapath running.
 
+pub mod conntrack_gc;
 pub mod maps;
+pub mod netlink;
+mod sys;
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::{FdLink, PinnedLink};
@@ -25,7 +27,7 @@ use tracing::{debug, info, warn};
 
 pub use maps::{AgentMaps, DatapathMaps, MapsError};
 
-use crate::netlink::Link;
+use netlink::Link;
 
 /// The eBPF object, embedded at build time (see build.rs).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
@@ -36,8 +38,6 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, Error)]
 pub enum DataplaneError {
-    #[error("this binary was built without the eBPF object; build it with `cargo xtask build`")]
-    NoObject,
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -207,9 +207,6 @@ pub struct Dataplane {
 impl Dataplane {
     /// Loads the embedded object, reusing maps already pinned under `dir`.
     pub fn load(dir: &Path, config: &DatapathConfig) -> Result<Self, DataplaneError> {
-        if EBPF_OBJECT.is_empty() {
-            return Err(DataplaneError::NoObject);
-        }
         ensure_bpffs(dir)?;
         let pin_paths: Vec<(&'static str, PathBuf)> =
             map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
@@ -421,33 +418,12 @@ impl Dataplane {
 ///
 /// Removing the pin alone also detaches, but only once the kernel frees the
 /// link, after an RCU grace period and a deferred work item: traffic would
-/// still be translated for a moment after `--cleanup` returned. aya 0.14 has
-/// no link-detach call, hence the two raw bpf(2) commands.
+/// still be translated for a moment after `--cleanup` returned.
 fn detach_and_unpin(pin: &Path) -> Result<(), DataplaneError> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    let path =
-        std::ffi::CString::new(pin.as_os_str().as_bytes()).map_err(|_| DataplaneError::Io {
-            path: pin.display().to_string(),
-            source: io::Error::from(io::ErrorKind::InvalidInput),
-        })?;
-    // union bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd (u32), file_flags (u32).
-    let mut get = [0u64; 2];
-    get[0] = path.as_ptr() as u64;
-    // SAFETY: attr is a valid, zero-padded bpf_attr prefix of the given size.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, get.as_ptr(), 16usize) };
-    if fd >= 0 {
-        // SAFETY: the kernel returned a new descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        // link_detach: link_fd (u32).
-        let detach = [fd.as_raw_fd() as u32, 0];
-        // SAFETY: attr is a valid bpf_attr prefix of the given size.
-        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, detach.as_ptr(), 8usize) };
-        if rc != 0 {
+    if let Ok(fd) = sys::obj_get(pin) {
+        if let Err(e) = sys::link_detach(&fd) {
             // A link whose interface is gone is already detached.
-            debug!(pin = %pin.display(), error = %io::Error::last_os_error(), "link detach");
+            debug!(pin = %pin.display(), error = %e, "link detach");
         }
     }
     match std::fs::remove_file(pin) {

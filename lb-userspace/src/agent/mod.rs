@@ -1,0 +1,588 @@
+//! The agent: the control loop that keeps this node's BPF maps equal to the
+//! desired state, in both modes.
+//!
+//! ```text
+//! source (watchers | manifest) --Changes--> planner --Plan--> dataplane
+//!       ^ validated inputs, model output         (lb-core)     (aya)
+//! ```
+//!
+//! One loop: wait for input (watch updates, the poll tick, a netlink change),
+//! bring interfaces and NodePort addresses up to date, ask the source what
+//! changed, plan that scope (a full diff after a list, a relist or a new
+//! manifest; the changed service ports otherwise), execute the plan, report
+//! what was rejected (a log line, a metric and, in cluster mode, one
+//! Kubernetes Event per problem and change). The conntrack collector and the
+//! metrics refresh run on their own ticks in the same loop.
+
+mod events;
+mod interfaces;
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use aya::maps::MapData;
+use ipnet::Ipv4Net;
+use lb_common::DatapathConfig;
+use lb_core::desired::DesiredPorts;
+use lb_core::model::ObjectKind;
+use lb_core::plan::{Limits, Plan, PlanError, Planner, Scope};
+use regex::Regex;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
+use tracing::{debug, error, info, warn};
+
+pub use events::EventSink;
+pub use interfaces::{interfaces_to_attach, nodeport_addrs, parse_cidrs, uplink_addrs};
+
+use crate::dataplane::conntrack_gc;
+use crate::dataplane::netlink;
+use crate::dataplane::{self, error_chain, DatapathMaps, Dataplane, Role};
+use crate::observe::health::{self, ProxyHealth, ServiceHealthServers};
+use crate::observe::metrics::{self, Metrics};
+use crate::observe::views;
+use crate::source::cluster::ClusterSource;
+use crate::source::manifest::ManifestSource;
+use crate::source::{Changes, Source};
+
+/// What the agent is told on its command line.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// This node's name (endpoints with this nodeName are local).
+    pub node_name: String,
+    pub bpffs: PathBuf,
+    /// Uplinks by name; empty: the interfaces of the default route.
+    pub uplinks: Vec<String>,
+    /// Pods' host-side interfaces.
+    pub pod_pattern: Regex,
+    /// NodePorts answer only on addresses inside these (empty: all).
+    pub nodeport_cidrs: Vec<Ipv4Net>,
+    /// Globals of the datapath (conntrack lifetimes, SNAT ports).
+    pub datapath: DatapathConfig,
+    /// `/healthz`, `/livez`; empty disables.
+    pub healthz_bind_address: String,
+    /// `/metrics`, `/proxyMode`; empty disables.
+    pub metrics_bind_address: String,
+    /// Metrics refresh and no-op sync; the health timeout is twice this.
+    pub sync_period: Duration,
+    /// Manifest mode: how often the file is re-read. Interfaces are
+    /// re-checked on netlink events and at this period (at most every 5 s
+    /// in cluster mode).
+    pub poll_interval: Duration,
+    pub conntrack_gc_interval: Duration,
+}
+
+/// Where the desired state comes from.
+pub enum Mode {
+    /// Service and EndpointSlice documents from a file, polled.
+    Manifest(PathBuf),
+    /// The Kubernetes API server.
+    Cluster {
+        client: kube::Client,
+        watch_timeout: Duration,
+    },
+}
+
+/// Runs the agent until SIGTERM or SIGINT. Programs stay attached and maps
+/// pinned when it returns: the next agent adopts them.
+pub async fn run(settings: Settings, mode: Mode) -> Result<()> {
+    let metrics = Metrics::new();
+    let health = ProxyHealth::new(2 * settings.sync_period);
+    let (source, events, poll) = match mode {
+        Mode::Manifest(path) => {
+            metrics.set_agent_info(env!("CARGO_PKG_VERSION"), "manifest");
+            let source = ManifestSource::new(path, settings.node_name.clone());
+            (Source::Manifest(source), None, settings.poll_interval)
+        }
+        Mode::Cluster {
+            client,
+            watch_timeout,
+        } => {
+            metrics.set_agent_info(env!("CARGO_PKG_VERSION"), "cluster");
+            let events = EventSink::new(client.clone(), &settings.node_name);
+            let source = ClusterSource::start(client, &settings.node_name, watch_timeout);
+            let poll = settings.poll_interval.max(Duration::from_secs(5));
+            (Source::Cluster(source), Some(events), poll)
+        }
+    };
+    // Load and attach first: a node whose datapath cannot load is not healthy.
+    let mut agent = Agent::new(settings, metrics, health, events)?;
+    agent.serve_http().await?;
+    let changed = Arc::new(Notify::new());
+    spawn_netlink_watcher(changed.clone())?;
+    let ticks = Ticks::new(
+        poll,
+        agent.settings.conntrack_gc_interval,
+        agent.settings.sync_period,
+    );
+    let result = agent.run(source, ticks, changed).await;
+    info!(bpffs = %agent.settings.bpffs.display(), "stopping; programs stay attached and maps stay pinned for the next agent");
+    result
+}
+
+/// `lb-agent --cleanup`: detach and unpin everything under `bpffs`.
+pub fn cleanup(bpffs: &std::path::Path) -> Result<()> {
+    dataplane::cleanup(bpffs).with_context(|| format!("cleaning up {}", bpffs.display()))
+}
+
+/// Periodic work of the loop.
+struct Ticks {
+    poll: tokio::time::Interval,
+    gc: tokio::time::Interval,
+    refresh: tokio::time::Interval,
+}
+
+impl Ticks {
+    fn new(poll: Duration, gc: Duration, refresh: Duration) -> Self {
+        let mk = |d: Duration| {
+            let mut i = tokio::time::interval(d);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        };
+        Self {
+            poll: mk(poll),
+            gc: mk(gc),
+            refresh: mk(refresh),
+        }
+    }
+}
+
+/// Wakes the loop when links or addresses change (a pod's veth appears).
+fn spawn_netlink_watcher(changed: Arc<Notify>) -> Result<()> {
+    let sub = netlink::ChangeSubscription::new().context("subscribing to netlink")?;
+    std::thread::Builder::new()
+        .name("netlink".into())
+        .spawn(move || loop {
+            match sub.wait() {
+                Ok(()) => changed.notify_one(),
+                Err(e) => {
+                    warn!(error = %e, "netlink watch failed; relying on polling");
+                    return;
+                }
+            }
+        })
+        .context("spawning the netlink thread")?;
+    Ok(())
+}
+
+/// Changes waiting to be programmed.
+#[derive(Default)]
+struct Pending {
+    /// When the oldest change not yet programmed was seen.
+    since: Option<Instant>,
+    /// The earliest EndpointSlice trigger time among them.
+    trigger: Option<SystemTime>,
+    /// A full diff is due (the first one, or a failed plan is redone whole).
+    full: bool,
+    /// The NodePort addresses changed.
+    node_addrs: bool,
+}
+
+/// The agent's state between iterations of its loop.
+struct Agent {
+    settings: Settings,
+    dp: Dataplane,
+    datapath_maps: DatapathMaps<MapData>,
+    planner: Planner,
+    node_addrs: BTreeSet<Ipv4Addr>,
+    metrics: Arc<Metrics>,
+    health: Arc<ProxyHealth>,
+    health_servers: ServiceHealthServers,
+    events: Option<EventSink>,
+    pending: Pending,
+    /// An apply failed part way: rebuild the mirror from the maps first.
+    needs_resync: bool,
+    pruned_stale_pins: bool,
+    ready_logged: bool,
+    generation: u64,
+}
+
+impl Agent {
+    fn new(
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        health: Arc<ProxyHealth>,
+        events: Option<EventSink>,
+    ) -> Result<Self> {
+        let dp = Dataplane::load(&settings.bpffs, &settings.datapath)
+            .with_context(|| format!("loading the datapath into {}", settings.bpffs.display()))?;
+        // Start from what is in the maps (an earlier agent's work): every
+        // plan is a diff against it, never a flush.
+        let applied = dp.maps.read_contents().context("reading pinned maps")?;
+        info!(
+            frontends = applied.services.len(),
+            backends = applied.backends.len(),
+            "adopted existing map contents"
+        );
+        let datapath_maps =
+            DatapathMaps::open_pinned(&settings.bpffs).context("opening the conntrack map")?;
+        Ok(Self {
+            dp,
+            datapath_maps,
+            planner: Planner::adopt(applied, Limits::default()),
+            node_addrs: BTreeSet::new(),
+            health_servers: ServiceHealthServers::new(health.clone(), Vec::new()),
+            metrics,
+            health,
+            events,
+            pending: Pending {
+                full: true,
+                ..Pending::default()
+            },
+            settings,
+            needs_resync: false,
+            pruned_stale_pins: false,
+            ready_logged: false,
+            generation: 0,
+        })
+    }
+
+    /// Binds the health (/healthz, /livez) and metrics (/metrics,
+    /// /proxyMode) servers; an empty address disables one.
+    async fn serve_http(&self) -> Result<()> {
+        let healthz = &self.settings.healthz_bind_address;
+        if !healthz.is_empty() {
+            let l = tokio::net::TcpListener::bind(healthz)
+                .await
+                .with_context(|| format!("--healthz-bind-address {healthz}"))?;
+            info!(address = %healthz, "serving /healthz and /livez");
+            tokio::spawn(health::serve_health(l, self.health.clone()));
+        }
+        let addr = &self.settings.metrics_bind_address;
+        if !addr.is_empty() {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--metrics-bind-address {addr}"))?;
+            info!(address = %addr, "serving /metrics and /proxyMode");
+            tokio::spawn(metrics::serve_metrics(l, self.metrics.clone()));
+        }
+        Ok(())
+    }
+
+    async fn run(
+        &mut self,
+        mut source: Source,
+        mut ticks: Ticks,
+        changed: Arc<Notify>,
+    ) -> Result<()> {
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let mut connected = !source.is_cluster();
+        self.metrics.set_apiserver_connected(connected);
+        loop {
+            tokio::select! {
+                batch = source.recv() => {
+                    let Some(batch) = batch else { anyhow::bail!("the watchers stopped") };
+                    if let Some(node) = &batch.node {
+                        // A1: /healthz turns 503 while this node is being deleted.
+                        self.health.sync_node(node);
+                    }
+                    if let Some(c) = batch.connected {
+                        if c != connected {
+                            connected = c;
+                            self.metrics.set_apiserver_connected(c);
+                            if c {
+                                info!("API server reachable");
+                            }
+                        }
+                    }
+                    if batch.changed {
+                        self.queued(batch.trigger);
+                    }
+                }
+                _ = ticks.poll.tick() => {
+                    if source.poll() {
+                        self.queued(None);
+                    }
+                }
+                _ = changed.notified() => debug!("netlink change"),
+                _ = ticks.gc.tick() => { self.collect_conntrack(); continue; }
+                _ = ticks.refresh.tick() => {
+                    self.refresh_metrics();
+                    // Nothing pending and in contact: record a (no-op) sync, as
+                    // kube-proxy's periodic sync does, so lastUpdated advances.
+                    if connected && self.pending.since.is_none() && source.synced() {
+                        self.health.updated();
+                    }
+                    continue;
+                }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+            match self.reconcile_interfaces() {
+                Ok(addrs_changed) => self.pending.node_addrs |= addrs_changed,
+                Err(e) => error!(
+                    error = format!("{e:#}"),
+                    "interface sync failed; will retry"
+                ),
+            }
+            if !source.synced() {
+                continue; // never program from half a picture
+            }
+            let changes = source.take_changes();
+            self.report_rejected(&changes);
+            if !changes.full
+                && changes.ports.is_empty()
+                && !self.pending.full
+                && !self.pending.node_addrs
+            {
+                if self.pending.since.take().is_some() {
+                    // Events that changed nothing count as programmed.
+                    self.pending.trigger = None;
+                    self.health.updated();
+                }
+                continue;
+            }
+            let full = changes.full || self.pending.full;
+            let scope = if full {
+                Scope::Full
+            } else {
+                Scope::Ports(&changes.ports)
+            };
+            match self.program(source.desired(), scope, &changes) {
+                Ok(rejected) => {
+                    self.pending = Pending::default();
+                    self.report_plan_errors(&source, &rejected);
+                    for e in self.health_servers.sync(&source.health_checks()).await {
+                        warn!("{e}");
+                    }
+                }
+                Err(e) => {
+                    // Whatever the failed plan covered is redone as a full diff.
+                    self.pending.full = true;
+                    self.pending.since.get_or_insert_with(Instant::now);
+                    error!(error = format!("{e:#}"), "map sync failed; will retry");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A change arrived (kube-proxy `QueuedUpdate`).
+    fn queued(&mut self, trigger: Option<SystemTime>) {
+        self.pending.since.get_or_insert_with(Instant::now);
+        if let Some(t) = trigger {
+            self.pending.trigger = Some(self.pending.trigger.map_or(t, |p| p.min(t)));
+        }
+        self.health.queued_update();
+        self.metrics.set_last_queued(SystemTime::now());
+    }
+
+    /// Plans `scope` and executes the plan. Returns what the plan refused
+    /// that no earlier plan did.
+    fn program(
+        &mut self,
+        desired: &dyn DesiredPorts,
+        scope: Scope<'_>,
+        changes: &Changes,
+    ) -> Result<Vec<PlanError>> {
+        if self.needs_resync {
+            let contents = self.dp.maps.read_contents().context("re-reading maps")?;
+            self.planner = Planner::adopt(contents, *self.planner.limits());
+            self.needs_resync = false;
+        }
+        let t_plan = Instant::now();
+        let plan = self
+            .planner
+            .plan(desired, &self.node_addrs, scope)
+            .context("planning")?;
+        if plan.full {
+            info!(
+                services_touched = changes.services_touched,
+                service_ports = plan.ports_planned,
+                plan_ms = t_plan.elapsed().as_secs_f64() * 1e3,
+                "full diff planned"
+            );
+        }
+        self.execute(&plan)?;
+        Ok(plan.new_errors)
+    }
+
+    /// Executes a plan and records it (metrics, health, log).
+    fn execute(&mut self, plan: &Plan) -> Result<()> {
+        for e in &plan.new_errors {
+            error!("{e}");
+        }
+        let t0 = Instant::now();
+        if let Err(e) = self.dp.maps.apply_all(&plan.ops) {
+            // Some of the plan may be in the maps: re-read them before the
+            // next plan.
+            self.needs_resync = true;
+            anyhow::bail!("map writes failed: {}", error_chain(&e));
+        }
+        for op in &plan.ops {
+            self.planner.apply(op);
+        }
+        self.metrics.observe_sync(t0.elapsed());
+        self.health.updated();
+        let n = plan.ops.len();
+        if n > 0 {
+            self.generation += 1;
+            self.metrics
+                .add_service_changes(plan.service_changes as u64);
+            self.metrics
+                .add_endpoint_changes(plan.endpoint_changes as u64);
+            // kube-proxy's network programming latency: from the EndpointSlice
+            // controller's trigger time when there is one, else from when
+            // the agent saw the change.
+            let latency = match self.pending.trigger {
+                Some(t) => SystemTime::now().duration_since(t).unwrap_or_default(),
+                None => self.pending.since.map(|s| s.elapsed()).unwrap_or_default(),
+            };
+            self.metrics.observe_network_programming(latency);
+            info!(
+                generation = self.generation,
+                scope = if plan.full { "full" } else { "ports" },
+                service_ports = plan.ports_planned,
+                map_writes = n,
+                service_changes = plan.service_changes,
+                endpoint_changes = plan.endpoint_changes,
+                elapsed_ms = t0.elapsed().as_secs_f64() * 1e3,
+                "maps updated"
+            );
+        }
+        // Ready once the whole desired state has been programmed.
+        if !self.ready_logged && plan.full {
+            self.ready_logged = true;
+            info!(
+                frontends = self.planner.contents().services.len(),
+                "lb-agent ready"
+            );
+        }
+        Ok(())
+    }
+
+    /// Objects the model rejected: a log line, a metric, an Event.
+    fn report_rejected(&self, changes: &Changes) {
+        for r in &changes.rejected {
+            warn!(object = %format!("{}/{}", r.object.namespace, r.object.name), "{}", r.error);
+            self.metrics.inc_rejected_object(r.kind.as_str());
+            if let Some(events) = &self.events {
+                events.warn(r.kind, &r.object, &r.error.to_string());
+            }
+        }
+    }
+
+    /// The planner's new rejections (a frontend taken, no room, too many
+    /// backends): a metric and an Event on their Service, once per change.
+    fn report_plan_errors(&self, source: &Source, rejected: &[PlanError]) {
+        for e in rejected {
+            let Some(port) = e.port() else { continue };
+            self.metrics.inc_rejected_object("Service");
+            if let (Some(events), Some(object)) =
+                (&self.events, source.service_object(&port.service()))
+            {
+                events.warn(ObjectKind::Service, object, &e.to_string());
+            }
+        }
+    }
+
+    /// Attaches to new uplinks and pod interfaces, lets go of the gone ones,
+    /// refreshes the uplink SNAT addresses and the NodePort addresses.
+    /// Returns whether the NodePort addresses changed.
+    fn reconcile_interfaces(&mut self) -> Result<bool> {
+        let links = netlink::list_links().context("listing interfaces")?;
+        let uplinks: BTreeSet<String> = if self.settings.uplinks.is_empty() {
+            let idx = netlink::default_route_interfaces().context("listing routes")?;
+            links
+                .iter()
+                .filter(|l| idx.contains(&l.index))
+                .map(|l| l.name.clone())
+                .collect()
+        } else {
+            for u in &self.settings.uplinks {
+                if !links.iter().any(|l| &l.name == u) {
+                    warn!(uplink = %u, "uplink interface does not exist (yet)");
+                }
+            }
+            self.settings.uplinks.iter().cloned().collect()
+        };
+        let want = interfaces_to_attach(&links, &uplinks, &self.settings.pod_pattern);
+        for e in self.dp.sync_interfaces(&want) {
+            error!(error = %error_chain(&e), "attach failed; will retry");
+        }
+        if !self.pruned_stale_pins {
+            self.dp.remove_stale_link_pins(&links);
+            self.pruned_stale_pins = true;
+        }
+        let addrs = netlink::list_ipv4_addrs().context("listing addresses")?;
+        let snat = uplink_addrs(self.dp.attached(), &addrs);
+        if self
+            .dp
+            .set_uplink_addrs(&snat)
+            .context("writing uplink addresses")?
+        {
+            info!(uplinks = ?snat, "uplink SNAT addresses");
+        }
+        let node_addrs = nodeport_addrs(&addrs, &self.settings.nodeport_cidrs);
+        let changed = node_addrs != self.node_addrs;
+        if changed {
+            info!(addresses = ?node_addrs, "NodePort addresses");
+            self.node_addrs = node_addrs;
+        }
+        for role in [Role::Uplink, Role::Pod] {
+            let n = self.dp.attached().values().filter(|r| **r == role).count();
+            self.metrics
+                .set_attached_interfaces(role.as_str(), n as u64);
+        }
+        Ok(changed)
+    }
+
+    /// Deletes idle conntrack entries (both directions of a flow together).
+    fn collect_conntrack(&mut self) {
+        let entries = match self.datapath_maps.conntrack_entries() {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %error_chain(&e), "conntrack scan failed");
+                return;
+            }
+        };
+        self.metrics.set_conntrack_entries(entries.len() as u64);
+        let expired =
+            conntrack_gc::expired_keys(&entries, &self.settings.datapath, views::boottime_ns());
+        if expired.is_empty() {
+            return;
+        }
+        match self.datapath_maps.delete_conntrack(&expired) {
+            Ok(n) => debug!(
+                deleted = n,
+                total = entries.len(),
+                "conntrack entries expired"
+            ),
+            Err(e) => warn!(error = %error_chain(&e), "conntrack cleanup failed"),
+        }
+    }
+
+    /// Datapath counters and map fill into the metrics.
+    fn refresh_metrics(&mut self) {
+        match self.datapath_maps.stats() {
+            Ok(s) => self.metrics.set_datapath_counters(&s),
+            Err(e) => debug!(error = %error_chain(&e), "reading counters"),
+        }
+        let c = self.planner.contents();
+        let limits = self.planner.limits();
+        for (map, entries, capacity) in [
+            (
+                lb_common::map_names::SERVICES,
+                c.services.len(),
+                limits.max_services,
+            ),
+            (
+                lb_common::map_names::BACKENDS,
+                c.backends.len(),
+                limits.max_backends,
+            ),
+            (
+                lb_common::map_names::BACKEND_SLOTS,
+                c.slots.len(),
+                limits.max_backend_slots,
+            ),
+        ] {
+            self.metrics
+                .set_map_fill(map, entries as u64, u64::from(capacity));
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! lb-agent: keeps this node's BPF maps equal to the desired state.
+//!
+//! Cluster mode (default): watches Services, EndpointSlices and its Node on
+//! the API server (`--kubeconfig`, $KUBECONFIG, or the in-cluster service
+//! account). Manifest mode: `--manifest FILE` with Service and EndpointSlice
+//! documents, polled. The loop of both is `lb_userspace::agent`; this file
+//! only reads the command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use lb_common::DatapathConfig;
+use lb_userspace::agent::{self, parse_cidrs, Mode, Settings};
+use lb_userspace::dataplane;
+use regex::Regex;
+use tracing::info;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "lb node agent: an eBPF replacement for kube-proxy"
+)]
+struct Args {
+    /// Cluster mode: kubeconfig to reach the API server. Without it and
+    /// without --manifest: $KUBECONFIG, then the in-cluster service account.
+    #[arg(long, env = "KUBECONFIG", value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// Manifest mode: Kubernetes YAML with Service and EndpointSlice
+    /// documents (takes precedence over --kubeconfig and $KUBECONFIG).
+    #[arg(long, value_name = "FILE")]
+    manifest: Option<PathBuf>,
+    /// This node's name (endpoints with this nodeName are local).
+    #[arg(long, env = "NODE_NAME", required_unless_present = "cleanup")]
+    node_name: Option<String>,
+    /// Uplink interface (repeatable). Default: the interfaces of the default route.
+    #[arg(long = "uplink", value_name = "IFACE")]
+    uplinks: Vec<String>,
+    /// Pod interfaces: host-side veths whose name matches this regex.
+    #[arg(long, default_value = "^(veth|lxc|cali)")]
+    pod_iface_pattern: String,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, default_value = dataplane::DEFAULT_BPFFS_DIR)]
+    bpffs: PathBuf,
+    /// Comma-separated CIDRs: NodePorts answer only on local addresses inside
+    /// them (default: every non-loopback IPv4 address of the node).
+    #[arg(long, value_name = "CIDR,...")]
+    nodeport_addresses: Option<String>,
+    /// /healthz and /livez (kube-proxy compatible); empty disables.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: String,
+    /// /metrics and /proxyMode; empty disables.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: String,
+    /// Idle timeout of an established TCP flow (kube-proxy's
+    /// --conntrack-tcp-timeout-established).
+    #[arg(long, default_value = "6h", value_parser = humantime::parse_duration)]
+    conntrack_tcp_established_timeout: Duration,
+    /// Idle timeout of a TCP flow that is opening or closing.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    conntrack_tcp_transient_timeout: Duration,
+    /// Idle timeout of a UDP flow (kube-proxy's --conntrack-udp-timeout).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    conntrack_udp_timeout: Duration,
+    /// How often idle conntrack entries are deleted.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    conntrack_gc_interval: Duration,
+    /// Period of the metrics refresh and of the no-op sync that keeps
+    /// /healthz's lastUpdated moving; /healthz turns 503 when a change has
+    /// waited longer than twice this (kube-proxy's rule).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    sync_period: Duration,
+    /// Manifest mode: how often the file and the interfaces are re-checked
+    /// (cluster mode re-checks interfaces on netlink events and this period).
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    poll_interval: Duration,
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Detach and unpin everything under --bpffs, then exit.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log_level)),
+        )
+        .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    if args.cleanup {
+        return agent::cleanup(&args.bpffs);
+    }
+    let node_name = args
+        .node_name
+        .clone()
+        .context("--node-name (or NODE_NAME) is required")?;
+    let pod_pattern = Regex::new(&args.pod_iface_pattern)
+        .with_context(|| format!("--pod-iface-pattern {:?}", args.pod_iface_pattern))?;
+    let nodeport_cidrs = match &args.nodeport_addresses {
+        Some(s) => parse_cidrs(s).map_err(anyhow::Error::msg)?,
+        None => Vec::new(),
+    };
+    let settings = Settings {
+        node_name,
+        bpffs: args.bpffs.clone(),
+        uplinks: args.uplinks.clone(),
+        pod_pattern,
+        nodeport_cidrs,
+        datapath: DatapathConfig {
+            ct_tcp_established_ns: args.conntrack_tcp_established_timeout.as_nanos() as u64,
+            ct_tcp_transient_ns: args.conntrack_tcp_transient_timeout.as_nanos() as u64,
+            ct_udp_ns: args.conntrack_udp_timeout.as_nanos() as u64,
+            ..DatapathConfig::DEFAULT
+        },
+        healthz_bind_address: args.healthz_bind_address.clone(),
+        metrics_bind_address: args.metrics_bind_address.clone(),
+        sync_period: args.sync_period,
+        poll_interval: args.poll_interval,
+        conntrack_gc_interval: args.conntrack_gc_interval,
+    };
+    // Two workers: the watchers decode lists (JSON) while the main loop
+    // programs; more would only contend on a small node.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let mode = match args.manifest {
+            Some(path) => Mode::Manifest(path),
+            None => Mode::Cluster {
+                client: kube_client(args.kubeconfig.as_deref()).await?,
+                watch_timeout: Duration::from_secs(290),
+            },
+        };
+        agent::run(settings, mode).await
+    })
+}
+
+/// A client from `--kubeconfig` (also $KUBECONFIG), else in-cluster config.
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::incluster()
+            .context("no --kubeconfig and no in-cluster service account")?,
+    };
+    info!(server = %config.cluster_url, "cluster mode");
+    kube::Client::try_from(config).context("creating the Kubernetes client")
+}

@@ -1,0 +1,113 @@
+//! The few bpf(2) commands aya 0.14 has no call for, in one place. Each is
+//! a plain syscall with a `union bpf_attr` prefix laid out as the kernel's
+//! include/uapi/linux/bpf.h defines it.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use aya::maps::MapData;
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// Most elements per BPF_MAP_UPDATE_BATCH call.
+const BATCH: usize = 4096;
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid, initialised bpf_attr prefix of the size
+    // passed; the kernel reads it and may write back into it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<T>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// BPF_OBJ_GET: a descriptor for the object pinned at `pin`.
+pub fn obj_get(pin: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = CString::new(pin.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // obj_get: pathname (u64), bpf_fd (u32), file_flags (u32).
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut attr = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new descriptor that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// BPF_LINK_DETACH: detaches a link at once. Dropping the last reference
+/// also detaches, but only after an RCU grace period and a deferred work
+/// item: traffic would still be translated for a moment.
+pub fn link_detach(link: &OwnedFd) -> io::Result<()> {
+    // link_detach: link_fd (u32).
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+        _pad: u32,
+    }
+    let mut attr = LinkDetach {
+        link_fd: link.as_raw_fd() as u32,
+        _pad: 0,
+    };
+    bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
+}
+
+/// BPF_MAP_UPDATE_BATCH (kernel 5.6+): one syscall for many elements of one
+/// hash map (the initial program of a big cluster is hundreds of thousands
+/// of writes). `keys` and `values` hold exactly the map's key and value
+/// types (the lb-common types are).
+pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    keys: &[K],
+    values: &[V],
+) -> io::Result<()> {
+    debug_assert_eq!(keys.len(), values.len());
+    // batch: in_batch, out_batch, keys, values (u64 each), count, map_fd
+    // (u32), elem_flags, flags (u64).
+    #[repr(C)]
+    struct Batch {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    for (ks, vs) in keys.chunks(BATCH).zip(values.chunks(BATCH)) {
+        let mut attr = Batch {
+            in_batch: 0,
+            out_batch: 0,
+            keys: ks.as_ptr() as u64,
+            values: vs.as_ptr() as u64,
+            count: ks.len() as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+    }
+    Ok(())
+}
