@@ -112,6 +112,20 @@ pub(crate) struct SliceEndpoint {
     pub local: bool,
     /// E6: hints.forZones names.
     pub zones: Box<[Arc<str>]>,
+    /// E6: hints.forNodes, as far as this node cares.
+    pub node_hint: NodeHint,
+}
+
+/// E6: an endpoint's `hints.forNodes`, seen from this node (decided when the
+/// slice is parsed: the node's name never changes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum NodeHint {
+    #[default]
+    None,
+    /// Hinted, but not for this node.
+    OtherNodes,
+    /// Hinted for this node (possibly among others).
+    ThisNode,
 }
 
 /// An endpoint of one service port: a [`SliceEndpoint`] with the port number
@@ -125,6 +139,7 @@ pub(crate) struct PortEndpoint<'a> {
     pub terminating: bool,
     pub local: bool,
     pub zones: &'a [Arc<str>],
+    pub node_hint: NodeHint,
 }
 
 fn parse(
@@ -217,6 +232,17 @@ fn parse(
         let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
         // W6.
         let local = e.node_name.as_deref() == Some(node_name) && !node_name.is_empty();
+        let node_hint = match e.hints.as_ref().and_then(|h| h.for_nodes.as_ref()) {
+            Some(nodes)
+                if nodes
+                    .iter()
+                    .any(|n| n.name == node_name && !node_name.is_empty()) =>
+            {
+                NodeHint::ThisNode
+            }
+            Some(nodes) if nodes.iter().any(|n| !n.name.is_empty()) => NodeHint::OtherNodes,
+            _ => NodeHint::None,
+        };
         let zones = e
             .hints
             .as_ref()
@@ -235,6 +261,7 @@ fn parse(
             terminating,
             local,
             zones,
+            node_hint,
         });
     }
     Some(SliceInfo {
@@ -274,6 +301,7 @@ pub(crate) fn collect<'a>(
                         terminating: e.terminating,
                         local: e.local,
                         zones: &e.zones,
+                        node_hint: e.node_hint,
                     },
                 );
             }
@@ -289,17 +317,43 @@ pub(crate) struct Sets {
     pub local: Vec<Endpoint>,
 }
 
+/// E6: how the cluster-wide set is narrowed by topology hints (kube-proxy's
+/// `topologyModeFromHints`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology<'a> {
+    /// No hints apply: every endpoint.
+    All,
+    /// PreferSameNode: the endpoints hinted for this node.
+    SameNode,
+    /// PreferSameZone: the endpoints hinted for this zone.
+    SameZone(&'a str),
+}
+
+/// E6, as kube-proxy decides it today: hints are used whenever they are
+/// there (the topology-mode annotation and spec.trafficDistribution only
+/// tell the EndpointSlice controller to write them). Node hints first: when
+/// every ready endpoint has one and one names this node. Then zone hints:
+/// when every ready endpoint has one and one names this node's zone.
+/// Endpoints that are not ready need no hint.
+fn topology<'a>(eps: &[PortEndpoint<'_>], zone: Option<&'a str>) -> Topology<'a> {
+    let ready = || eps.iter().filter(|e| e.ready);
+    let all_node_hinted = ready().all(|e| e.node_hint != NodeHint::None);
+    if all_node_hinted && ready().any(|e| e.node_hint == NodeHint::ThisNode) {
+        return Topology::SameNode;
+    }
+    if let Some(z) = zone {
+        let all_zone_hinted = ready().all(|e| !e.zones.is_empty());
+        if all_zone_hinted && ready().any(|e| e.zones.iter().any(|x| &**x == z)) {
+            return Topology::SameZone(z);
+        }
+    }
+    Topology::All
+}
+
 /// E3, E6: picks the cluster-wide and the node-local usable sets.
-pub(crate) fn categorize(
-    eps: &[PortEndpoint<'_>],
-    zone: Option<&str>,
-    topology_aware: bool,
-) -> Sets {
+pub(crate) fn categorize(eps: &[PortEndpoint<'_>], zone: Option<&str>) -> Sets {
     let zone = zone.filter(|z| !z.is_empty());
-    let use_topology = match zone {
-        Some(z) if topology_aware => can_use_topology(eps, z),
-        _ => false,
-    };
+    let topology = topology(eps, zone);
     let pick = |filter: &dyn Fn(&PortEndpoint) -> bool, terminating: bool| -> Vec<Endpoint> {
         // `eps` is sorted by (addr, port) and unique, so the result is too.
         eps.iter()
@@ -312,32 +366,21 @@ pub(crate) fn categorize(
             })
             .collect()
     };
-    let in_zone = |e: &PortEndpoint| match zone {
-        Some(z) if use_topology => e.zones.iter().any(|x| &**x == z),
-        _ => true,
+    let hinted_here = |e: &PortEndpoint| match topology {
+        Topology::All => true,
+        Topology::SameNode => e.node_hint == NodeHint::ThisNode,
+        Topology::SameZone(z) => e.zones.iter().any(|x| &**x == z),
     };
-    let mut cluster = pick(&|e| e.ready && in_zone(e), false);
+    let mut cluster = pick(&|e| e.ready && hinted_here(e), false);
     if cluster.is_empty() {
         // No ready endpoint anywhere (topology can't be the cause: it is
-        // only used when a ready endpoint is hinted for this zone).
+        // only used when a ready endpoint is hinted for here).
         cluster = pick(&|e| e.serving && e.terminating, true);
     }
+    // The local set (M3, E5) ignores hints.
     let mut local = pick(&|e| e.local && e.ready, false);
     if local.is_empty() {
         local = pick(&|e| e.local && e.serving && e.terminating, true);
     }
     Sets { cluster, local }
-}
-
-/// E6: hints are used only if every ready endpoint has a zone hint and at
-/// least one is hinted for this node's zone.
-fn can_use_topology(eps: &[PortEndpoint<'_>], zone: &str) -> bool {
-    let mut any_for_zone = false;
-    for e in eps.iter().filter(|e| e.ready) {
-        if e.zones.is_empty() {
-            return false;
-        }
-        any_for_zone |= e.zones.iter().any(|z| &**z == zone);
-    }
-    any_for_zone
 }

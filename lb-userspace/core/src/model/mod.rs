@@ -55,10 +55,6 @@ pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// E6: the zone label of a Node.
 pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
-/// E6: topology aware routing (`Auto` enables it).
-pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
-/// E6: the pre-1.27 name of [`ANNOTATION_TOPOLOGY_MODE`].
-pub const ANNOTATION_TOPOLOGY_AWARE_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
 /// W1: the label selector watchers use for Services and EndpointSlices
 /// (the model applies the same filter itself for manifest input).
 pub const PROXY_LABEL_SELECTOR: &str =
@@ -266,7 +262,7 @@ pub fn compute_service(
         };
         let eps = endpoints::collect(&slices, &port.name, port.protocol);
         local_ready_total += eps.iter().filter(|e| e.local && e.ready).count();
-        let sets = endpoints::categorize(&eps, ctx.zone.as_deref(), service.topology_aware);
+        let sets = endpoints::categorize(&eps, ctx.zone.as_deref());
         let frontends = service.frontends(port);
         if frontends.is_empty() {
             continue;

@@ -12,8 +12,7 @@ use lb_common::{service_flags, MAX_NAME_LEN, MAX_PORT_NAME_LEN};
 
 use super::{
     is_foreign, port_number, quoted, ObjectError, ObjectKind, ObjectRef, Reporter,
-    ANNOTATION_TOPOLOGY_AWARE_HINTS, ANNOTATION_TOPOLOGY_MODE, DEFAULT_AFFINITY_TIMEOUT_SEC,
-    MAX_AFFINITY_TIMEOUT_SEC,
+    DEFAULT_AFFINITY_TIMEOUT_SEC, MAX_AFFINITY_TIMEOUT_SEC,
 };
 use crate::desired::{Frontend, FrontendKind, Protocol, ServiceRef};
 
@@ -70,8 +69,6 @@ pub struct ServiceInfo {
     /// AFFINITY, EXTERNAL_LOCAL, INTERNAL_LOCAL, SOURCE_RANGES.
     pub(crate) flags: u16,
     pub(crate) affinity_timeout_sec: u32,
-    /// E6: the Service asks for topology aware routing.
-    pub(crate) topology_aware: bool,
     pub(crate) health_check_node_port: Option<u16>,
     pub(crate) source_ranges: Vec<Ipv4Net>,
     /// C7: metadata.creationTimestamp.
@@ -466,20 +463,6 @@ fn parse(svc: &Service, r: &mut Reporter) -> Option<ServiceInfo> {
         }
     }
 
-    // E6: topology aware routing requested?
-    let annotations = svc.metadata.annotations.as_ref();
-    let auto = |key: &str| {
-        annotations
-            .and_then(|a: &BTreeMap<String, String>| a.get(key))
-            .is_some_and(|v| v == "Auto" || v == "auto")
-    };
-    let topology_aware = auto(ANNOTATION_TOPOLOGY_MODE)
-        || auto(ANNOTATION_TOPOLOGY_AWARE_HINTS)
-        || spec
-            .traffic_distribution
-            .as_deref()
-            .is_some_and(|t| !t.is_empty());
-
     Some(ServiceInfo {
         namespace: r.namespace.clone(),
         name: r.name.clone(),
@@ -490,7 +473,6 @@ fn parse(svc: &Service, r: &mut Reporter) -> Option<ServiceInfo> {
         lb_ips,
         flags,
         affinity_timeout_sec,
-        topology_aware,
         health_check_node_port,
         source_ranges,
         created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0),

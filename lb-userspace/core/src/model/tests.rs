@@ -853,96 +853,120 @@ fn e5_traffic_policies_set_flags() {
 
 #[test]
 fn e6_topology_hints() {
-    let hint = |z: &str| format!(", hints: {{forZones: [{{name: {z}}}]}}");
-    let a = hint("zone-a");
-    let b = hint("zone-b");
-    let annotated = ", annotations: {service.kubernetes.io/topology-mode: Auto}";
-    let old_annotation = ", annotations: {service.kubernetes.io/topology-aware-hints: auto}";
+    // kube-proxy today: hints are used whenever every ready endpoint has
+    // one, no annotation needed; node hints (PreferSameNode) before zone
+    // hints; only for the cluster-wide set. This node is node-a in zone-a.
+    let zone = |z: &str| format!(", hints: {{forZones: [{{name: {z}}}]}}");
+    let node = |n: &str| format!(", hints: {{forNodes: [{{name: {n}}}]}}");
+    let both = |n: &str, z: &str| {
+        format!(", hints: {{forNodes: [{{name: {n}}}], forZones: [{{name: {z}}}]}}")
+    };
+    let (za, zb) = (zone("zone-a"), zone("zone-b"));
     let disabled = ", annotations: {service.kubernetes.io/topology-mode: Disabled}";
-    let td = ", trafficDistribution: PreferClose";
     let not_ready_unhinted = ", conditions: {ready: false}";
-    // (service meta, extra spec, endpoint extras for .1 .2 .3, node zone, want cluster set)
-    type Case<'a> = (&'a str, &'a str, [String; 3], Option<&'a str>, Vec<&'a str>);
+    let all = vec!["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"];
+    // (service meta, endpoint extras for .1 (node-b) .2 (node-a) .3 (node-c), node zone, want cluster set)
+    type Case<'a> = (&'a str, [String; 3], Option<&'a str>, Vec<&'a str>);
     let cases: Vec<Case> = vec![
-        // All hinted, one for our zone: filtered.
+        // All zone-hinted, one for our zone: filtered, without any annotation.
         (
-            annotated,
             "",
-            [a.clone(), b.clone(), b.clone()],
+            [za.clone(), zb.clone(), zb.clone()],
             Some("zone-a"),
             vec!["10.1.0.1:8080"],
         ),
         (
-            old_annotation,
             "",
-            [a.clone(), a.clone(), b.clone()],
+            [za.clone(), za.clone(), zb.clone()],
             Some("zone-a"),
             vec!["10.1.0.1:8080", "10.1.0.2:8080"],
         ),
+        // The annotation does not gate it on the proxy side, either way.
         (
-            "",
-            td,
-            [a.clone(), b.clone(), b.clone()],
+            disabled,
+            [za.clone(), zb.clone(), zb.clone()],
             Some("zone-a"),
             vec!["10.1.0.1:8080"],
         ),
         // Not-ready endpoints need no hint.
         (
-            annotated,
             "",
-            [a.clone(), b.clone(), not_ready_unhinted.into()],
+            [za.clone(), zb.clone(), not_ready_unhinted.into()],
             Some("zone-a"),
             vec!["10.1.0.1:8080"],
         ),
         // One ready endpoint without a hint: all endpoints.
         (
-            annotated,
             "",
-            [a.clone(), b.clone(), String::new()],
+            [za.clone(), zb.clone(), String::new()],
             Some("zone-a"),
-            vec!["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"],
+            all.clone(),
         ),
         // None hinted for our zone: all.
         (
-            annotated,
             "",
-            [b.clone(), b.clone(), b.clone()],
+            [zb.clone(), zb.clone(), zb.clone()],
             Some("zone-a"),
-            vec!["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"],
+            all.clone(),
         ),
         // Node without a zone label: all.
+        ("", [za.clone(), zb.clone(), zb.clone()], None, all.clone()),
+        // Node hints: all hinted, one for this node: PreferSameNode.
         (
-            annotated,
             "",
-            [a.clone(), b.clone(), b.clone()],
+            [node("node-b"), node("node-a"), node("node-c")],
+            Some("zone-a"),
+            vec!["10.1.0.2:8080"],
+        ),
+        // Node hints win over zone hints.
+        (
+            "",
+            [
+                both("node-b", "zone-a"),
+                both("node-a", "zone-b"),
+                both("node-c", "zone-a"),
+            ],
+            Some("zone-a"),
+            vec!["10.1.0.2:8080"],
+        ),
+        // Node hints, none for this node: zone hints decide.
+        (
+            "",
+            [
+                both("node-b", "zone-a"),
+                both("node-x", "zone-b"),
+                both("node-c", "zone-b"),
+            ],
+            Some("zone-a"),
+            vec!["10.1.0.1:8080"],
+        ),
+        // Not every ready endpoint node-hinted: zone hints decide.
+        (
+            "",
+            [
+                both("node-b", "zone-a"),
+                za.clone(),
+                both("node-a", "zone-b"),
+            ],
+            Some("zone-a"),
+            vec!["10.1.0.1:8080", "10.1.0.2:8080"],
+        ),
+        // Node hints for this node work without a zone label.
+        (
+            "",
+            [node("node-b"), node("node-a"), node("node-a")],
             None,
-            vec!["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"],
-        ),
-        // Not enabled on the Service: all.
-        (
-            "",
-            "",
-            [a.clone(), b.clone(), b.clone()],
-            Some("zone-a"),
-            vec!["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"],
-        ),
-        (
-            disabled,
-            "",
-            [a.clone(), b.clone(), b.clone()],
-            Some("zone-a"),
-            vec!["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"],
+            vec!["10.1.0.2:8080", "10.1.0.3:8080"],
         ),
     ];
-    for (meta, spec, extras, zone, want) in cases {
+    for (meta, extras, zone, want) in cases {
         let endpoints = format!(
             "[{}, {}, {}]",
             ep("10.1.0.1", "node-b", &extras[0]),
             ep("10.1.0.2", "node-a", &extras[1]),
             ep("10.1.0.3", "node-c", &extras[2])
         );
-        let yaml = svc_full("web", meta, &format!("{WEB}{spec}"), "")
-            + &slice("web-a", "web", HTTP_8080, &endpoints);
+        let yaml = svc_full("web", meta, WEB, "") + &slice("web-a", "web", HTTP_8080, &endpoints);
         let out = run_ctx(&NodeContext::new("node-a", zone.map(String::from)), &yaml);
         let p = get(&out, "web", "http", TCP);
         assert_eq!(
@@ -951,13 +975,13 @@ fn e6_topology_hints() {
                 .map(|s| s.trim_end_matches(" L"))
                 .collect::<Vec<_>>(),
             want,
-            "{meta}{spec} {extras:?} {zone:?}"
+            "{meta} {extras:?} {zone:?}"
         );
         // The local set ignores topology.
         assert_eq!(
             eps(&p.local_backends),
             vec!["10.1.0.2:8080 L"],
-            "{meta}{spec} {extras:?}"
+            "{meta} {extras:?}"
         );
     }
 }
