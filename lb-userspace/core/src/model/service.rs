@@ -1,7 +1,7 @@
 //! One Service -> its validated input ([`ParsedService`]): ports, frontend
 //! addresses and flags, with what is wrong with it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{IpNet, Ipv4Net};
