@@ -1,4 +1,5 @@
-//! Thread-level network-namespace helpers for tests.
+//! Network namespaces for tests: fresh private ones for a thread, and named
+//! ones (`/run/netns/NAME`) that other processes can enter too.
 //!
 //! A network namespace is a property of a thread (a task, for the kernel), and a
 //! socket keeps the namespace it was created in. These helpers move only the
@@ -6,9 +7,15 @@
 //! the namespace it started in. Threads spawned by a thread inherit its
 //! namespace, so a tokio runtime built inside [`in_private_netns`] lives there
 //! too.
+//!
+//! Test traffic stays inside namespaces a test made: every test that sends a
+//! packet, loads a program that does FIB lookups, or listens on a socket
+//! does so in one of these.
 
 use std::io;
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::Command;
 
 /// Moves the calling thread into the named namespace `/run/netns/NAME`
 /// (as made by `ip netns add NAME`).
@@ -119,4 +126,88 @@ pub fn in_named_netns<R: Send, F: FnOnce() -> R + Send>(name: &str, f: F) -> R {
             Err(e) => std::panic::resume_unwind(e),
         }
     })
+}
+
+/// Binds a TCP listener in the named namespace `/run/netns/NAME` (from a
+/// short-lived thread that entered it: the socket keeps that namespace), or
+/// in the calling thread's namespace with `None`. Panics on failure.
+pub fn bind_in_netns(netns: Option<&str>, addr: SocketAddr) -> TcpListener {
+    match netns {
+        None => TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}")),
+        Some(name) => in_named_netns(name, || {
+            TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr} in netns {name}: {e}"))
+        }),
+    }
+}
+
+/// Runs `ip ARGS...`; an error with its stderr when it fails.
+fn ip(args: &[&str]) -> io::Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// SIGKILLs every process in the named namespace (so that it can go).
+pub fn kill_processes_in(name: &str) {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
+        // SAFETY: kill(2); these processes live in a namespace a test made.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// A named network namespace (`ip netns add NAME`, loopback up), deleted
+/// with whatever still runs in it when dropped, also when a test panics.
+#[derive(Debug)]
+pub struct NamedNetns {
+    name: String,
+}
+
+impl NamedNetns {
+    /// Creates `/run/netns/NAME`; a leftover of the same name is replaced.
+    pub fn create(name: &str) -> io::Result<NamedNetns> {
+        if std::path::Path::new("/run/netns").join(name).exists() {
+            kill_processes_in(name);
+            let _ = ip(&["netns", "del", name]);
+        }
+        ip(&["netns", "add", name])?;
+        // From here on, Drop removes it.
+        let ns = NamedNetns {
+            name: name.to_string(),
+        };
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Deletes it now (its processes killed first), reporting a failure.
+    pub fn delete(self) -> io::Result<()> {
+        let name = std::mem::take(&mut std::mem::ManuallyDrop::new(self).name);
+        kill_processes_in(&name);
+        ip(&["netns", "del", &name])
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        kill_processes_in(&self.name);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
 }

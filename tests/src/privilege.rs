@@ -3,6 +3,16 @@
 //! On a laptop without root the privileged tests skip with a message; with
 //! `LB_REQUIRE_PRIVILEGED=1` (set by `.ci/run`) a missing privilege fails the test
 //! instead, so CI can never pass vacuously.
+//!
+//! Every privileged test starts with [`require_privileges!`](crate::require_privileges):
+//!
+//! ```no_run
+//! #[test]
+//! fn f1_cluster_ip_from_pod() {
+//!     lb_tests::require_privileges!();
+//!     // ... build a topology, load the datapath ...
+//! }
+//! ```
 
 use std::path::Path;
 
@@ -33,6 +43,34 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
+/// The guard of a privileged test, its first statement: returns from the
+/// test (it skips, saying so) when this process lacks the privileges, and
+/// fails it instead when `LB_REQUIRE_PRIVILEGED=1`. See [`privileged`].
+#[macro_export]
+macro_rules! require_privileges {
+    () => {
+        if !$crate::privilege::privileged($crate::test_name!()) {
+            return;
+        }
+    };
+}
+
+/// The name of the function it is used in, without its module path
+/// (`datapath::f1_...` gives `f1_...`): a test's name for messages and
+/// temporary paths, written once.
+#[macro_export]
+macro_rules! test_name {
+    () => {{
+        // The type name of a function item nested here is the path of the
+        // enclosing function plus `::here` (std does not promise that format;
+        // a unit test below pins it).
+        fn here() {}
+        let path = ::std::any::type_name_of_val(&here);
+        let path = path.strip_suffix("::here").unwrap_or(path);
+        path.rsplit("::").next().unwrap_or(path)
+    }};
+}
+
 /// Mounts bpffs at /sys/fs/bpf when it is not mounted (a fresh machine has none).
 pub fn ensure_bpffs() -> std::io::Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
@@ -53,4 +91,12 @@ pub fn ensure_bpffs() -> std::io::Result<()> {
         return Err(std::io::Error::other("mount -t bpf bpf /sys/fs/bpf failed"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn test_name_is_the_enclosing_function() {
+        assert_eq!(crate::test_name!(), "test_name_is_the_enclosing_function");
+    }
 }

@@ -8,10 +8,9 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use lb_tests::privilege::privileged;
-use lb_tests::topology::{
-    endpoint_slice_yaml, manifest, service_yaml, Endpoint, Frontend, ServicePort, Topology,
-};
+use lb_tests::objects::{endpoint_slice, manifest, service, Endpoint, Object, ServicePort};
+use lb_tests::require_privileges;
+use lb_tests::topology::{Frontend, Topology};
 
 const WARMUP: Duration = Duration::from_secs(10);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 10);
@@ -35,26 +34,24 @@ fn one_node() -> Topology {
     t
 }
 
-fn web_manifest(t: &Topology, pods: &[&str]) -> String {
+/// Service `web` (HTTP, TCP and UDP echo) and its EndpointSlice with `pods`.
+fn web_objects(t: &Topology, pods: &[&str]) -> [Object; 2] {
     let ports = [
         ServicePort::tcp("http", 80, 8080),
         ServicePort::tcp("line", 9000, 9000),
         ServicePort::udp("echo", 9000, 9000),
     ];
-    let eps: Vec<Endpoint> = pods.iter().map(|p| Endpoint::of(t.pod(p))).collect();
-    manifest(&[
-        service_yaml("web", "ClusterIP", VIP, &ports, ""),
-        endpoint_slice_yaml(
-            "web",
-            "web-1",
-            &[
-                ("http", "TCP", 8080),
-                ("line", "TCP", 9000),
-                ("echo", "UDP", 9000),
-            ],
-            &eps,
-        ),
-    ])
+    [
+        service("web", VIP).ports(&ports).into(),
+        endpoint_slice("web", "web-1")
+            .ports_of(&ports)
+            .endpoints(pods.iter().map(|p| Endpoint::of(t.pod(p))))
+            .into(),
+    ]
+}
+
+fn web_manifest(t: &Topology, pods: &[&str]) -> String {
+    manifest(&web_objects(t, pods))
 }
 
 fn wait_for_log(t: &Topology, proc_name: &str, needle: &str) -> String {
@@ -77,9 +74,7 @@ fn wait_for_log(t: &Topology, proc_name: &str, needle: &str) -> String {
 /// conntrack without a gap and without rewriting the maps.
 #[test]
 fn restart_keeps_open_connections_and_adopts_pinned_state() {
-    if !privileged("restart_keeps_open_connections_and_adopts_pinned_state") {
-        return;
-    }
+    require_privileges!();
     let t = one_node();
     t.start_agents(&web_manifest(&t, &["web1", "web2"]))
         .unwrap();
@@ -148,17 +143,19 @@ fn restart_keeps_open_connections_and_adopts_pinned_state() {
 /// field; the previous state stays and keeps serving; a corrected file applies.
 #[test]
 fn malformed_manifest_keeps_the_previous_state() {
-    if !privileged("malformed_manifest_keeps_the_previous_state") {
-        return;
-    }
+    require_privileges!();
     let t = one_node();
     let (web1, web2) = (t.pod("web1").ip, t.pod("web2").ip);
     t.start_agents(&web_manifest(&t, &["web1"])).unwrap();
     t.wait_for_backends("node1", &Frontend::tcp(VIP, 80), &[sa(web1, 8080)])
         .unwrap();
 
-    let bad = web_manifest(&t, &["web2"]).replace("port: 80\n", "port: eighty\n");
-    assert!(bad.contains("eighty"));
+    // The Service's first port is not a number.
+    let [svc, slice] = web_objects(&t, &["web2"]);
+    let mut bad_svc = svc.to_json();
+    bad_svc["spec"]["ports"][0]["port"] = "eighty".into();
+    let bad = manifest(&[bad_svc.into(), slice]);
+    assert!(bad.contains("port: eighty\n"), "{bad}");
     t.write_manifests(&bad).unwrap();
     let log = wait_for_log(&t, "agent-node1", "manifest rejected");
     assert!(
@@ -185,9 +182,7 @@ fn malformed_manifest_keeps_the_previous_state() {
 /// JSON; the pinned maps carry BTF so bpftool prints field names.
 #[test]
 fn lbctl_and_bpftool_show_the_datapath() {
-    if !privileged("lbctl_and_bpftool_show_the_datapath") {
-        return;
-    }
+    require_privileges!();
     let t = one_node();
     let (web1, web2) = (t.pod("web1").ip, t.pod("web2").ip);
     t.start_agents(&web_manifest(&t, &["web1", "web2"]))
@@ -276,9 +271,7 @@ fn lbctl_and_bpftool_show_the_datapath() {
 /// traffic is no longer translated, plain pod traffic still flows.
 #[test]
 fn cleanup_detaches_and_unpins_everything() {
-    if !privileged("cleanup_detaches_and_unpins_everything") {
-        return;
-    }
+    require_privileges!();
     let t = one_node();
     let web1 = t.pod("web1").ip;
     t.start_agents(&web_manifest(&t, &["web1"])).unwrap();
@@ -327,9 +320,7 @@ fn cleanup_detaches_and_unpins_everything() {
 /// together, after the configured timeout; an open TCP flow stays.
 #[test]
 fn idle_conntrack_entries_are_collected() {
-    if !privileged("idle_conntrack_entries_are_collected") {
-        return;
-    }
+    require_privileges!();
     let t = one_node();
     let web1 = t.pod("web1").ip;
     t.write_manifests(&web_manifest(&t, &["web1"])).unwrap();
@@ -384,9 +375,7 @@ fn idle_conntrack_entries_are_collected() {
 /// and its link pins go when its veth goes.
 #[test]
 fn pod_interfaces_are_attached_as_they_appear_and_forgotten_as_they_go() {
-    if !privileged("pod_interfaces_are_attached_as_they_appear_and_forgotten_as_they_go") {
-        return;
-    }
+    require_privileges!();
     let mut t = one_node();
     let web1 = t.pod("web1").ip;
     t.start_agents(&web_manifest(&t, &["web1"])).unwrap();

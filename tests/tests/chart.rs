@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{Container, PodSpec, ServiceAccount, Toleration}
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize as _, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 
 const RELEASE: &str = "lb";
@@ -135,9 +135,9 @@ fn render(chart: &Path, values: Option<&Path>) -> Result<Vec<(String, Value)>, S
             continue;
         }
         let text = text.as_str().expect("manifest text");
-        for doc in serde_yaml::Deserializer::from_str(text) {
-            let v = Value::deserialize(doc)
-                .unwrap_or_else(|e| panic!("{template} is not YAML: {e}\n{text}"));
+        let docs: Vec<Value> = serde_saphyr::from_multiple(text)
+            .unwrap_or_else(|e| panic!("{template} is not YAML: {e}\n{text}"));
+        for v in docs {
             if !v.is_null() {
                 objects.push((template.clone(), v));
             }
@@ -822,7 +822,7 @@ fn typed_round_trip_detects_unknown_fields() {
 fn cleanup_manifest_is_a_valid_daemonset() {
     let path = repo_root().join("charts/lb-agent-cleanup.yaml");
     let text = std::fs::read_to_string(&path).expect("charts/lb-agent-cleanup.yaml");
-    let v: Value = serde_yaml::from_str(&text).expect("YAML");
+    let v: Value = serde_saphyr::from_str(&text).expect("YAML");
     let ds: DaemonSet = typed(&v).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let pod = ds.spec.unwrap().template.spec.unwrap();
     assert_eq!(pod.host_network, Some(true));
@@ -972,7 +972,7 @@ fn dockerfile_is_multi_stage_and_minimal() {
 /// same default for every scalar and empty one.
 #[test]
 fn readme_documents_every_value() {
-    let values: Value = serde_yaml::from_str(
+    let values: Value = serde_saphyr::from_str(
         &std::fs::read_to_string(chart_dir().join("values.yaml")).expect("values.yaml"),
     )
     .expect("values.yaml is YAML");

@@ -7,11 +7,12 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use lb_tests::fake_apiserver::{FakeApiServer, ResourceKind};
-use lb_tests::privilege::privileged;
-use lb_tests::topology::{
-    endpoint_slice_yaml, service_yaml, Endpoint, Frontend, ServicePort, Topology,
-};
+use fake_apiserver::{FakeApiServer, ResourceKind};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use lb_tests::objects::{endpoint_slice, node, service, Endpoint, ServicePort, ServiceType};
+use lb_tests::require_privileges;
+use lb_tests::topology::{Frontend, Topology};
 
 const WARMUP: Duration = Duration::from_secs(10);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 2, 10);
@@ -41,14 +42,16 @@ fn web_ports() -> [ServicePort; 2] {
     ]
 }
 
-fn web_slice(t: &Topology, pods: &[&str]) -> String {
-    let eps: Vec<Endpoint> = pods.iter().map(|p| Endpoint::of(t.pod(p))).collect();
-    endpoint_slice_yaml(
-        "web",
-        "web-1",
-        &[("http", "TCP", 8080), ("line", "TCP", 9000)],
-        &eps,
-    )
+/// Service `web` at [`VIP`] with [`web_ports`].
+fn web_service() -> Service {
+    service("web", VIP).ports(&web_ports()).build()
+}
+
+fn web_slice(t: &Topology, pods: &[&str]) -> EndpointSlice {
+    endpoint_slice("web", "web-1")
+        .ports_of(&web_ports())
+        .endpoints(pods.iter().map(|p| Endpoint::of(t.pod(p))))
+        .build()
 }
 
 fn addrs(t: &Topology, pods: &[&str], port: u16) -> Vec<SocketAddrV4> {
@@ -93,19 +96,17 @@ fn start(t: &Topology) -> FakeApiServer {
 /// headless are not watched; a deleted Service stops answering.
 #[test]
 fn w1_f1_f3_traffic_follows_the_api_server() {
-    if !privileged("w1_f1_f3_traffic_follows_the_api_server") {
-        return;
-    }
+    require_privileges!();
     let t = topology();
     let server = start(&t);
-    server.apply_yaml(&service_yaml("web", "ClusterIP", VIP, &web_ports(), ""));
-    server.apply_yaml(&web_slice(&t, &["web1"]));
+    server.apply(&web_service());
+    server.apply(&web_slice(&t, &["web1"]));
     let foreign_ip = Ipv4Addr::new(10, 96, 2, 11);
-    server.apply_yaml(
-        &service_yaml("foreign", "ClusterIP", foreign_ip, &web_ports(), "").replace(
-            "  labels:\n",
-            "  labels:\n    service.kubernetes.io/service-proxy-name: someone-else\n",
-        ),
+    server.apply(
+        &service("foreign", foreign_ip)
+            .ports(&web_ports())
+            .label("service.kubernetes.io/service-proxy-name", "someone-else")
+            .build(),
     );
     t.start_all_agents().unwrap();
     let http = Frontend::tcp(VIP, 80);
@@ -121,7 +122,7 @@ fn w1_f1_f3_traffic_follows_the_api_server() {
     let services = t.lbctl("node1", &["services"]).unwrap();
     assert!(!services.contains("10.96.2.11"), "{services}");
 
-    server.apply_yaml(&web_slice(&t, &["web1", "web2"]));
+    server.apply(&web_slice(&t, &["web1", "web2"]));
     t.wait_for_backends_everywhere(&http, &addrs(&t, &["web1", "web2"], 8080))
         .unwrap();
     let mut seen = BTreeSet::new();
@@ -133,7 +134,7 @@ fn w1_f1_f3_traffic_follows_the_api_server() {
         BTreeSet::from(["web1".to_string(), "web2".to_string()])
     );
 
-    server.apply_yaml(&web_slice(&t, &["web2", "web3"]));
+    server.apply(&web_slice(&t, &["web2", "web3"]));
     t.wait_for_backends_everywhere(&http, &addrs(&t, &["web2", "web3"], 8080))
         .unwrap();
     for _ in 0..10 {
@@ -172,15 +173,13 @@ fn w1_f1_f3_traffic_follows_the_api_server() {
 /// maps: an open connection survives, nothing is flushed.
 #[test]
 fn api_outage_and_relist_keep_serving_and_converge() {
-    if !privileged("api_outage_and_relist_keep_serving_and_converge") {
-        return;
-    }
+    require_privileges!();
     let t = topology();
     let server = start(&t);
     // Slow answers throughout: the agent must not care.
     server.set_latency(Duration::from_millis(150));
-    server.apply_yaml(&service_yaml("web", "ClusterIP", VIP, &web_ports(), ""));
-    server.apply_yaml(&web_slice(&t, &["web1"]));
+    server.apply(&web_service());
+    server.apply(&web_slice(&t, &["web1"]));
     t.start_all_agents().unwrap();
     t.wait_for_backends_everywhere(&Frontend::tcp(VIP, 9000), &addrs(&t, &["web1"], 9000))
         .unwrap();
@@ -219,7 +218,7 @@ fn api_outage_and_relist_keep_serving_and_converge() {
 
     // Changes during the outage; their history is compacted away, so the
     // agent's watch resumes into 410 Gone and it must relist.
-    server.apply_yaml(&web_slice(&t, &["web1", "web2"]));
+    server.apply(&web_slice(&t, &["web1", "web2"]));
     server.compact();
     server.set_unavailable(false);
     t.wait_for_backends_everywhere(
@@ -256,23 +255,19 @@ fn api_outage_and_relist_keep_serving_and_converge() {
 /// naming the field, a log line and a metric; everything else keeps working.
 #[test]
 fn bad_objects_get_a_warning_event_and_nothing_else_breaks() {
-    if !privileged("bad_objects_get_a_warning_event_and_nothing_else_breaks") {
-        return;
-    }
+    require_privileges!();
     let t = topology();
     let server = start(&t);
-    server.apply_yaml(&service_yaml("web", "ClusterIP", VIP, &web_ports(), ""));
-    server.apply_yaml(&web_slice(&t, &["web1"]));
-    server.apply_yaml(
-        &service_yaml(
-            "bad",
-            "ClusterIP",
-            Ipv4Addr::new(10, 96, 2, 20),
-            &web_ports(),
-            "",
-        )
-        .replace("10.96.2.20", "10.96.2.300"),
-    );
+    server.apply(&web_service());
+    server.apply(&web_slice(&t, &["web1"]));
+    // Not an IPv4 address: no typed builder makes one, so break a good one.
+    let mut bad = service("bad", Ipv4Addr::new(10, 96, 2, 20))
+        .ports(&web_ports())
+        .build();
+    let spec = bad.spec.as_mut().expect("a Service has a spec");
+    spec.cluster_ip = Some("10.96.2.300".into());
+    spec.cluster_ips = Some(vec!["10.96.2.300".into()]);
+    server.apply(&bad);
     t.start_all_agents().unwrap();
     t.wait_for_backends_everywhere(&Frontend::tcp(VIP, 80), &addrs(&t, &["web1"], 8080))
         .unwrap();
@@ -310,20 +305,26 @@ fn bad_objects_get_a_warning_event_and_nothing_else_breaks() {
 /// goes back to Cluster. /healthz, /livez, /metrics and /proxyMode answer.
 #[test]
 fn h1_health_check_node_port_and_agent_endpoints() {
-    if !privileged("h1_health_check_node_port_and_agent_endpoints") {
-        return;
-    }
+    require_privileges!();
     let t = topology();
     let server = start(&t);
     let ports = [ServicePort::tcp("http", 80, 8080).node_port(30080)];
-    let local = "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n";
-    server.apply_yaml(&service_yaml("lbsvc", "LoadBalancer", VIP, &ports, local));
-    server.apply_yaml(&endpoint_slice_yaml(
-        "lbsvc",
-        "lbsvc-1",
-        &[("http", "TCP", 8080)],
-        &[Endpoint::of(t.pod("web1"))],
-    ));
+    let lbsvc = service("lbsvc", VIP)
+        .service_type(ServiceType::LoadBalancer)
+        .ports(&ports);
+    server.apply(
+        &lbsvc
+            .clone()
+            .external_traffic_policy_local()
+            .health_check_node_port(32000)
+            .build(),
+    );
+    server.apply(
+        &endpoint_slice("lbsvc", "lbsvc-1")
+            .ports_of(&ports)
+            .endpoint(Endpoint::of(t.pod("web1")))
+            .build(),
+    );
     t.start_all_agents().unwrap();
     t.wait_for_backends_everywhere(&Frontend::tcp(VIP, 80), &addrs(&t, &["web1"], 8080))
         .unwrap();
@@ -376,11 +377,11 @@ fn h1_health_check_node_port_and_agent_endpoints() {
 
     // A1: the node being drained by the cluster autoscaler: /healthz 503
     // (load balancers stop sending), /livez still 200 (no restart).
-    server.apply(&serde_json::json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": "node1"},
-        "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}
-    }));
+    server.apply(
+        &node("node1")
+            .taint("ToBeDeletedByClusterAutoscaler", "NoSchedule")
+            .build(),
+    );
     wait_until("/healthz 503 on a node being deleted", WARMUP, || {
         get("node1", 10256, "/healthz").contains(" 503 ")
     });
@@ -388,7 +389,7 @@ fn h1_health_check_node_port_and_agent_endpoints() {
     assert!(get("node2", 10256, "/healthz").contains(" 200 "));
 
     // Back to Cluster: the health-check port closes.
-    server.apply_yaml(&service_yaml("lbsvc", "LoadBalancer", VIP, &ports, ""));
+    server.apply(&lbsvc.build());
     wait_until("the health-check node port to close", WARMUP, || {
         get("node1", 32000, "/").starts_with("ERROR") || get("node1", 32000, "/").contains(" 000")
     });

@@ -4,9 +4,11 @@
 //! the output bytes (checksums recomputed independently), the conntrack
 //! entries and the exact counters.
 //!
-//! Each test runs on a thread of its own in a fresh network namespace, so the
-//! FIB lookups of redirected packets see a known, empty (or test-made) routing
-//! table and nothing touches the machine's network.
+//! Each test runs on a thread of its own in a fresh network namespace
+//! ([`in_private_netns`]), so the FIB lookups of redirected packets see a
+//! known, empty (or test-made) routing table and nothing touches the
+//! machine's network. The object is loaded and its maps filled through
+//! [`Datapath`], as the agent would fill them.
 //!
 //! Run: `cargo test -p lb-tests --test datapath -- --test-threads=1` (root).
 
@@ -14,18 +16,17 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::Command;
 
-use aya::maps::{HashMap, Map, MapType, PerCpuArray};
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
-use aya::{Ebpf, EbpfLoader};
+use aya::maps::{Map, MapType};
 use lb_common::{
-    backend_flags, ct_flags, ipv4_to_net, map_names, program_names, service_flags, AffinityKey,
-    AffinityValue, BackendSlot, BackendSlotKey, BackendValue, ConntrackEntry, ConntrackKey,
-    DatapathConfig, NodeAddrValue, ServiceKey, ServiceValue, StatReason, CT_DIR_FORWARD,
-    CT_DIR_REPLY, DATAPATH_CONFIG_GLOBAL, LOCAL_SLOT_BASE, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_NODE_ADDRS, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
-    SCOPE_EXACT, SCOPE_NODEPORT, STAT_COUNT,
+    ct_flags, ipv4_to_net, map_names, program_names, service_flags, AffinityKey, AffinityValue,
+    ConntrackEntry, ConntrackKey, DatapathConfig, ServiceValue, StatReason, CT_DIR_FORWARD,
+    CT_DIR_REPLY, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_NODE_ADDRS,
+    MAX_SERVICES, PROTO_TCP, PROTO_UDP, STAT_COUNT,
 };
+use lb_tests::datapath::{exact_key, BackendEntry, Datapath, ServiceEntry};
+use lb_tests::netns::in_private_netns;
 use lb_tests::packet::{self, *};
+use lb_tests::require_privileges;
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -64,26 +65,6 @@ fn boot_ns() -> u64 {
         0
     );
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Runs `f` on a new thread inside a new, private network namespace (only a
-/// `lo` that is down), which vanishes with the thread.
-fn in_netns<F: FnOnce() + Send + 'static>(f: F) {
-    let h = std::thread::spawn(move || {
-        // SAFETY: unshare has no memory-safety preconditions; it only
-        // affects this thread.
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            std::io::Error::last_os_error()
-        );
-        f();
-    });
-    if let Err(e) = h.join() {
-        std::panic::resume_unwind(e);
-    }
 }
 
 /// Runs a command in the calling thread's network namespace; panics on failure.
@@ -126,287 +107,12 @@ fn mac_of(name: &str) -> [u8; 6] {
     v.try_into().unwrap()
 }
 
-/// Result of one BPF_PROG_TEST_RUN.
-struct Run {
-    ret: u32,
-    out: Vec<u8>,
+fn be(id: u32, addr: &str) -> BackendEntry {
+    BackendEntry::new(id, sa(addr))
 }
 
-/// The loaded object with all four programs, and typed access to its maps.
-struct Dp {
-    ebpf: Ebpf,
-}
-
-impl Dp {
-    fn load() -> Self {
-        Self::load_with(DatapathConfig::DEFAULT)
-    }
-
-    fn load_with(cfg: DatapathConfig) -> Self {
-        let bytes = lb_tests::artifacts::ebpf_object_bytes();
-        let mut ebpf = EbpfLoader::new()
-            .override_global(DATAPATH_CONFIG_GLOBAL, &cfg, true)
-            .load(&bytes)
-            .expect("load the eBPF object");
-        for name in program_names::ALL {
-            let p: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .unwrap_or_else(|| panic!("no program {name}"))
-                .try_into()
-                .unwrap();
-            p.load().unwrap_or_else(|e| panic!("load {name}: {e:?}"));
-        }
-        Self { ebpf }
-    }
-
-    fn run(&self, prog: &str, frame: &[u8]) -> Run {
-        self.run_ctx(prog, frame, None)
-    }
-
-    /// Runs with `__sk_buff.ifindex` set (the interface the packet is on).
-    fn run_on(&self, prog: &str, frame: &[u8], ifindex: u32) -> Run {
-        self.run_ctx(prog, frame, Some(ifindex))
-    }
-
-    fn run_ctx(&self, prog: &str, frame: &[u8], ifindex: Option<u32>) -> Run {
-        let p: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into().unwrap();
-        let mut out = vec![0u8; frame.len() + 256];
-        // struct __sk_buff up to and including ifindex (offset 40); the
-        // kernel zero-fills the rest and accepts only a few fields.
-        let mut ctx = [0u8; 44];
-        if let Some(i) = ifindex {
-            ctx[40..44].copy_from_slice(&i.to_ne_bytes());
-        }
-        let r = p
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: ifindex.map(|_| &ctx[..]),
-                ..TestRunOptions::default()
-            })
-            .unwrap_or_else(|e| panic!("test_run {prog} ({} bytes): {e:?}", frame.len()));
-        out.truncate(r.data_size_out as usize);
-        Run {
-            ret: r.return_value,
-            out,
-        }
-    }
-
-    fn services(&mut self) -> HashMap<&mut aya::maps::MapData, ServiceKey, ServiceValue> {
-        HashMap::try_from(self.ebpf.map_mut(map_names::SERVICES).unwrap()).unwrap()
-    }
-
-    fn slots(&mut self) -> HashMap<&mut aya::maps::MapData, BackendSlotKey, BackendSlot> {
-        HashMap::try_from(self.ebpf.map_mut(map_names::BACKEND_SLOTS).unwrap()).unwrap()
-    }
-
-    fn backends(&mut self) -> HashMap<&mut aya::maps::MapData, u32, BackendValue> {
-        HashMap::try_from(self.ebpf.map_mut(map_names::BACKENDS).unwrap()).unwrap()
-    }
-
-    fn conntrack(&mut self) -> HashMap<&mut aya::maps::MapData, ConntrackKey, ConntrackEntry> {
-        HashMap::try_from(self.ebpf.map_mut(map_names::CONNTRACK).unwrap()).unwrap()
-    }
-
-    fn affinity(&mut self) -> HashMap<&mut aya::maps::MapData, AffinityKey, AffinityValue> {
-        HashMap::try_from(self.ebpf.map_mut(map_names::AFFINITY).unwrap()).unwrap()
-    }
-
-    fn add_node_addr(&mut self, a: Ipv4Addr) {
-        let mut m: HashMap<_, u32, NodeAddrValue> =
-            HashMap::try_from(self.ebpf.map_mut(map_names::NODE_ADDRS).unwrap()).unwrap();
-        m.insert(net(a), NodeAddrValue { flags: 0 }, 0).unwrap();
-    }
-
-    fn set_uplink_addr(&mut self, ifindex: u32, a: Ipv4Addr) {
-        let mut m: HashMap<_, u32, lb_common::UplinkAddr> =
-            HashMap::try_from(self.ebpf.map_mut(map_names::UPLINK_ADDRS).unwrap()).unwrap();
-        m.insert(ifindex, lb_common::UplinkAddr { addr: net(a) }, 0)
-            .unwrap();
-    }
-
-    fn add_backend(&mut self, id: u32, addr: SocketAddrV4, proto: u8, flags: u8) {
-        self.backends()
-            .insert(
-                id,
-                BackendValue {
-                    addr: net(*addr.ip()),
-                    port: nport(addr.port()),
-                    proto,
-                    flags,
-                },
-                0,
-            )
-            .unwrap();
-    }
-
-    fn remove_backend(&mut self, id: u32) {
-        self.backends().remove(&id).unwrap();
-    }
-
-    fn set_slot(&mut self, service_id: u32, slot: u32, backend_id: u32) {
-        self.slots()
-            .insert(
-                BackendSlotKey { service_id, slot },
-                BackendSlot { backend_id },
-                0,
-            )
-            .unwrap();
-    }
-
-    fn add_frontend(&mut self, key: ServiceKey, value: ServiceValue) {
-        self.services().insert(key, value, 0).unwrap();
-    }
-
-    /// A service port with cluster-wide backends `cluster` (slots 0..) and
-    /// node-local backends `local` (slots LOCAL_SLOT_BASE..), reachable at
-    /// the exact frontend `vip` (or, with `vip` None, nowhere yet).
-    fn add_service(&mut self, svc: &Svc) {
-        for (i, b) in svc.cluster.iter().enumerate() {
-            self.add_backend(b.id, b.addr, svc.proto, b.flags);
-            self.set_slot(svc.id, i as u32, b.id);
-        }
-        for (i, b) in svc.local.iter().enumerate() {
-            self.add_backend(b.id, b.addr, svc.proto, b.flags);
-            self.set_slot(svc.id, LOCAL_SLOT_BASE + i as u32, b.id);
-        }
-        let value = svc.value();
-        if let Some(vip) = svc.vip {
-            self.add_frontend(exact_key(vip, svc.proto), value);
-        }
-        if let Some(port) = svc.node_port {
-            self.add_frontend(
-                ServiceKey {
-                    addr: 0,
-                    port: nport(port),
-                    proto: svc.proto,
-                    scope: SCOPE_NODEPORT,
-                },
-                ServiceValue {
-                    flags: (svc.flags & !service_flags::CLUSTER_IP) | service_flags::NODE_PORT,
-                    ..value
-                },
-            );
-        }
-    }
-
-    fn ct(&mut self, key: &ConntrackKey) -> Option<ConntrackEntry> {
-        self.conntrack().get(key, 0).ok()
-    }
-
-    fn ct_all(&mut self) -> Vec<(ConntrackKey, ConntrackEntry)> {
-        let mut v: Vec<_> = self.conntrack().iter().map(|r| r.unwrap()).collect();
-        v.sort_by_key(|(k, _)| *k);
-        v
-    }
-
-    fn ct_insert(&mut self, key: ConntrackKey, e: ConntrackEntry) {
-        self.conntrack().insert(key, e, 0).unwrap();
-    }
-
-    /// Counters summed over CPUs, indexed by StatReason.
-    fn stats(&self) -> [u64; STAT_COUNT as usize] {
-        let m: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map(map_names::STATS).unwrap()).unwrap();
-        let mut out = [0u64; STAT_COUNT as usize];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = m.get(&(i as u32), 0).unwrap().iter().sum();
-        }
-        out
-    }
-
-    /// Asserts every counter: those listed have the given value, all others 0.
-    fn assert_stats(&self, expected: &[(StatReason, u64)]) {
-        let actual = self.stats();
-        let mut want = [0u64; STAT_COUNT as usize];
-        for (r, n) in expected {
-            want[*r as usize] += n;
-        }
-        if actual != want {
-            let show = |v: &[u64]| {
-                StatReason::ALL
-                    .iter()
-                    .filter(|r| v[**r as usize] != 0)
-                    .map(|r| format!("{}={}", r.name(), v[*r as usize]))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            };
-            panic!(
-                "counters differ\n  actual:   {}\n  expected: {}",
-                show(&actual),
-                show(&want)
-            );
-        }
-    }
-}
-
-struct Be {
-    id: u32,
-    addr: SocketAddrV4,
-    flags: u8,
-}
-
-fn be(id: u32, addr: &str) -> Be {
-    Be {
-        id,
-        addr: sa(addr),
-        flags: 0,
-    }
-}
-
-fn local_be(id: u32, addr: &str) -> Be {
-    Be {
-        id,
-        addr: sa(addr),
-        flags: backend_flags::LOCAL,
-    }
-}
-
-/// A service port as the agent would write it.
-struct Svc {
-    id: u32,
-    proto: u8,
-    vip: Option<SocketAddrV4>,
-    node_port: Option<u16>,
-    flags: u16,
-    affinity_timeout_sec: u32,
-    cluster: Vec<Be>,
-    local: Vec<Be>,
-}
-
-impl Svc {
-    fn cluster_ip(id: u32, vip: &str, proto: u8, cluster: Vec<Be>) -> Self {
-        Self {
-            id,
-            proto,
-            vip: Some(sa(vip)),
-            node_port: None,
-            flags: service_flags::CLUSTER_IP,
-            affinity_timeout_sec: 0,
-            cluster,
-            local: Vec::new(),
-        }
-    }
-
-    fn value(&self) -> ServiceValue {
-        ServiceValue {
-            service_id: self.id,
-            backend_count: self.cluster.len() as u16,
-            local_backend_count: self.local.len() as u16,
-            flags: self.flags,
-            _pad: 0,
-            affinity_timeout_sec: self.affinity_timeout_sec,
-        }
-    }
-}
-
-fn exact_key(vip: SocketAddrV4, proto: u8) -> ServiceKey {
-    ServiceKey {
-        addr: net(*vip.ip()),
-        port: nport(vip.port()),
-        proto,
-        scope: SCOPE_EXACT,
-    }
+fn local_be(id: u32, addr: &str) -> BackendEntry {
+    BackendEntry::local(id, sa(addr))
 }
 
 fn ct_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8, dir: u8) -> ConntrackKey {
@@ -457,7 +163,7 @@ fn assert_entry(e: &ConntrackEntry, want: &Ct, after: u64) {
 }
 
 fn backend_of(
-    dp: &mut Dp,
+    dp: &mut Datapath,
     client: SocketAddrV4,
     frontend: SocketAddrV4,
     proto: u8,
@@ -480,8 +186,8 @@ const BACKEND_2: &str = "10.244.2.12:8080";
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const EXTERNAL: &str = "198.51.100.7:51000";
 
-fn web(dp: &mut Dp) -> Svc {
-    let s = Svc::cluster_ip(1, VIP, PROTO_TCP, vec![be(11, BACKEND_1)]);
+fn web(dp: &mut Datapath) -> ServiceEntry {
+    let s = ServiceEntry::cluster_ip(1, sa(VIP), PROTO_TCP, vec![be(11, BACKEND_1)]);
     dp.add_service(&s);
     s
 }
@@ -492,11 +198,9 @@ fn web(dp: &mut Dp) -> Svc {
 
 #[test]
 fn object_has_every_map_and_program() {
-    if !lb_tests::privilege::privileged("object_has_every_map_and_program") {
-        return;
-    }
-    in_netns(|| {
-        let dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let dp = Datapath::load();
         for name in map_names::ALL {
             assert!(dp.ebpf.map(name).is_some(), "map {name} missing");
         }
@@ -559,7 +263,7 @@ fn object_has_every_map_and_program() {
                 map_names::SERVICE_NAMES,
                 MapType::Hash,
                 4,
-                128,
+                std::mem::size_of::<lb_common::ServicePortNameValue>() as u32,
                 MAX_SERVICES,
                 no_prealloc,
             ),
@@ -594,12 +298,9 @@ fn object_has_every_map_and_program() {
 
 #[test]
 fn f1_cluster_ip_tcp_syn_is_dnated_with_conntrack_both_ways() {
-    if !lb_tests::privilege::privileged("f1_cluster_ip_tcp_syn_is_dnated_with_conntrack_both_ways")
-    {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         web(&mut dp);
         let syn = tcp(sa(CLIENT), sa(VIP), TCP_SYN);
         let t0 = boot_ns();
@@ -643,15 +344,13 @@ fn f1_cluster_ip_tcp_syn_is_dnated_with_conntrack_both_ways() {
 
 #[test]
 fn f1_cluster_ip_udp_is_dnated_with_conntrack_both_ways() {
-    if !lb_tests::privilege::privileged("f1_cluster_ip_udp_is_dnated_with_conntrack_both_ways") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         let dns = "10.96.0.10:53";
-        dp.add_service(&Svc::cluster_ip(
+        dp.add_service(&ServiceEntry::cluster_ip(
             7,
-            dns,
+            sa(dns),
             PROTO_UDP,
             vec![be(70, "10.244.3.3:5353")],
         ));
@@ -715,15 +414,13 @@ fn f1_cluster_ip_udp_is_dnated_with_conntrack_both_ways() {
 
 #[test]
 fn udp_zero_checksum_stays_zero_both_ways() {
-    if !lb_tests::privilege::privileged("udp_zero_checksum_stays_zero_both_ways") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         let dns = "10.96.0.10:53";
-        dp.add_service(&Svc::cluster_ip(
+        dp.add_service(&ServiceEntry::cluster_ip(
             7,
-            dns,
+            sa(dns),
             PROTO_UDP,
             vec![be(70, "10.244.3.3:5353")],
         ));
@@ -750,15 +447,13 @@ fn udp_zero_checksum_stays_zero_both_ways() {
 fn udp_checksum_is_right_for_many_tuples() {
     // Incremental updates must give the same result as a full computation
     // for any address/port combination, including results of 0 (-> 0xffff).
-    if !lb_tests::privilege::privileged("udp_checksum_is_right_for_many_tuples") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         let dns = "10.96.0.10:53";
-        dp.add_service(&Svc::cluster_ip(
+        dp.add_service(&ServiceEntry::cluster_ip(
             7,
-            dns,
+            sa(dns),
             PROTO_UDP,
             vec![be(70, "10.244.3.3:5353")],
         ));
@@ -779,16 +474,14 @@ fn udp_checksum_is_right_for_many_tuples() {
 fn udp_checksum_that_computes_to_zero_is_sent_as_ffff() {
     // After DNAT, a UDP checksum whose computation gives 0 must be written
     // as 0xffff (0 would mean "no checksum"): BPF_F_MARK_MANGLED_0.
-    if !lb_tests::privilege::privileged("udp_checksum_that_computes_to_zero_is_sent_as_ffff") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         let dns = "10.96.0.10:53";
         let backend = sa("10.244.3.3:5353");
-        dp.add_service(&Svc::cluster_ip(
+        dp.add_service(&ServiceEntry::cluster_ip(
             7,
-            dns,
+            sa(dns),
             PROTO_UDP,
             vec![be(70, "10.244.3.3:5353")],
         ));
@@ -831,11 +524,9 @@ fn udp_checksum_that_computes_to_zero_is_sent_as_ffff() {
 
 #[test]
 fn not_a_service_passes_unchanged() {
-    if !lb_tests::privilege::privileged("not_a_service_passes_unchanged") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         web(&mut dp);
         let frames = [
             // Another address.
@@ -863,11 +554,9 @@ fn not_a_service_passes_unchanged() {
 
 #[test]
 fn non_ipv4_passes_unchanged() {
-    if !lb_tests::privilege::privileged("non_ipv4_passes_unchanged") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         web(&mut dp);
         let frames = [
             arp_request(Ipv4Addr::new(10, 244, 0, 5), Ipv4Addr::new(10, 96, 0, 10)),
@@ -891,16 +580,14 @@ fn non_ipv4_passes_unchanged() {
 
 #[test]
 fn truncated_packets_pass_unchanged() {
-    if !lb_tests::privilege::privileged("truncated_packets_pass_unchanged") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         web(&mut dp);
         let dns = "10.96.0.10:53";
-        dp.add_service(&Svc::cluster_ip(
+        dp.add_service(&ServiceEntry::cluster_ip(
             7,
-            dns,
+            sa(dns),
             PROTO_UDP,
             vec![be(70, "10.244.3.3:5353")],
         ));
@@ -954,16 +641,14 @@ fn truncated_packets_pass_unchanged() {
 
 #[test]
 fn fragments_pass_unchanged() {
-    if !lb_tests::privilege::privileged("fragments_pass_unchanged") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         web(&mut dp);
         let dns = "10.96.0.10:53";
-        dp.add_service(&Svc::cluster_ip(
+        dp.add_service(&ServiceEntry::cluster_ip(
             7,
-            dns,
+            sa(dns),
             PROTO_UDP,
             vec![be(70, "10.244.3.3:5353")],
         ));
@@ -992,11 +677,9 @@ fn fragments_pass_unchanged() {
 
 #[test]
 fn ip_options_pass_unchanged() {
-    if !lb_tests::privilege::privileged("ip_options_pass_unchanged") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         web(&mut dp);
         let mut frames = Vec::new();
         for opts in [vec![1u8, 1, 1, 0], vec![0x94, 4, 0, 0, 1, 1, 1, 0]] {
@@ -1022,11 +705,9 @@ fn ip_options_pass_unchanged() {
 
 #[test]
 fn icmp_and_other_protocols_pass_unchanged() {
-    if !lb_tests::privilege::privileged("icmp_and_other_protocols_pass_unchanged") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         web(&mut dp);
         let mut sctp = icmp_echo(Ipv4Addr::new(10, 244, 0, 5), Ipv4Addr::new(10, 96, 0, 10));
         sctp.l4 = packet::L4::Raw {
@@ -1056,11 +737,9 @@ fn icmp_and_other_protocols_pass_unchanged() {
 
 #[test]
 fn reply_through_pod_egress_gets_the_frontend_source() {
-    if !lb_tests::privilege::privileged("reply_through_pod_egress_gets_the_frontend_source") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         web(&mut dp);
         let r = dp.run(POD_INGRESS, &tcp(sa(CLIENT), sa(VIP), TCP_SYN).build());
         assert_eq!(r.ret, TC_ACT_OK);
@@ -1107,15 +786,13 @@ fn reply_through_pod_egress_gets_the_frontend_source() {
 
 #[test]
 fn established_flow_keeps_its_backend_and_tracks_tcp_state() {
-    if !lb_tests::privilege::privileged("established_flow_keeps_its_backend_and_tracks_tcp_state") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
-        let backends: Vec<Be> = (0..8)
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        let backends: Vec<BackendEntry> = (0..8)
             .map(|i| be(100 + i, &format!("10.244.{}.{}:8080", 1 + i, 10 + i)))
             .collect();
-        dp.add_service(&Svc::cluster_ip(1, VIP, PROTO_TCP, backends));
+        dp.add_service(&ServiceEntry::cluster_ip(1, sa(VIP), PROTO_TCP, backends));
         let fkey = ct_key(sa(CLIENT), sa(VIP), PROTO_TCP, CT_DIR_FORWARD);
 
         let r = dp.run(POD_INGRESS, &tcp(sa(CLIENT), sa(VIP), TCP_SYN).build());
@@ -1169,13 +846,11 @@ fn established_flow_keeps_its_backend_and_tracks_tcp_state() {
 
 #[test]
 fn expired_conntrack_entry_is_a_new_flow() {
-    if !lb_tests::privilege::privileged("expired_conntrack_entry_is_a_new_flow") {
-        return;
-    }
-    in_netns(|| {
+    require_privileges!();
+    in_private_netns(|| {
         // Lifetimes shorter than the machine's uptime, so that an entry can
         // be older than any of them.
-        let mut dp = Dp::load_with(DatapathConfig {
+        let mut dp = Datapath::load_with(DatapathConfig {
             ct_tcp_established_ns: 5_000_000_000,
             ct_tcp_transient_ns: 5_000_000_000,
             ..DatapathConfig::DEFAULT
@@ -1221,20 +896,23 @@ fn expired_conntrack_entry_is_a_new_flow() {
 fn conntrack_lifetimes_come_from_lb_config() {
     // The same 10 s old UDP entry is alive with ct_udp_ns = 1 h and expired
     // with ct_udp_ns = 1 s: the loader's override of LB_CONFIG is honoured.
-    if !lb_tests::privilege::privileged("conntrack_lifetimes_come_from_lb_config") {
-        return;
-    }
-    in_netns(|| {
+    require_privileges!();
+    in_private_netns(|| {
         let dns = "10.96.0.10:53";
         let old = "10.244.3.3:5353";
         let new = "10.244.4.4:5353";
         for (udp_ns, reused) in [(3_600_000_000_000u64, true), (1_000_000_000, false)] {
-            let mut dp = Dp::load_with(DatapathConfig {
+            let mut dp = Datapath::load_with(DatapathConfig {
                 ct_udp_ns: udp_ns,
                 ..DatapathConfig::DEFAULT
             });
             // Both backends exist; the service now only has `new`.
-            dp.add_service(&Svc::cluster_ip(7, dns, PROTO_UDP, vec![be(71, new)]));
+            dp.add_service(&ServiceEntry::cluster_ip(
+                7,
+                sa(dns),
+                PROTO_UDP,
+                vec![be(71, new)],
+            ));
             dp.add_backend(70, sa(old), PROTO_UDP, 0);
             let fkey = ct_key(sa(CLIENT), sa(dns), PROTO_UDP, CT_DIR_FORWARD);
             dp.ct_insert(
@@ -1268,14 +946,17 @@ fn conntrack_lifetimes_come_from_lb_config() {
 
 #[test]
 fn e4_udp_flow_to_a_removed_backend_moves_at_once() {
-    if !lb_tests::privilege::privileged("e4_udp_flow_to_a_removed_backend_moves_at_once") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         let dns = "10.96.0.10:53";
         let (a, b) = ("10.244.3.3:5353", "10.244.4.4:5353");
-        dp.add_service(&Svc::cluster_ip(7, dns, PROTO_UDP, vec![be(70, a)]));
+        dp.add_service(&ServiceEntry::cluster_ip(
+            7,
+            sa(dns),
+            PROTO_UDP,
+            vec![be(70, a)],
+        ));
         let q = udp(sa(CLIENT), sa(dns));
         let r = dp.run(POD_INGRESS, &q.build());
         assert_frame_eq(&r.out, &q.clone().with_destination(sa(a)).build());
@@ -1300,11 +981,9 @@ fn e4_udp_flow_to_a_removed_backend_moves_at_once() {
 fn tcp_flow_keeps_its_backend_after_the_backend_is_removed() {
     // As with kube-proxy: established TCP connections are not moved (they
     // would be reset by the new backend); only new flows see the change.
-    if !lb_tests::privilege::privileged("tcp_flow_keeps_its_backend_after_the_backend_is_removed") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         web(&mut dp);
         dp.run(POD_INGRESS, &tcp(sa(CLIENT), sa(VIP), TCP_SYN).build());
         dp.add_backend(12, sa(BACKEND_2), PROTO_TCP, 0);
@@ -1330,14 +1009,12 @@ fn tcp_flow_keeps_its_backend_after_the_backend_is_removed() {
 
 #[test]
 fn f4_nodeport_matches_only_node_addresses() {
-    if !lb_tests::privilege::privileged("f4_nodeport_matches_only_node_addresses") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         dp.add_node_addr(NODE);
         dp.add_node_addr(Ipv4Addr::new(10, 244, 0, 1));
-        let mut s = Svc::cluster_ip(3, VIP, PROTO_TCP, vec![be(31, BACKEND_1)]);
+        let mut s = ServiceEntry::cluster_ip(3, sa(VIP), PROTO_TCP, vec![be(31, BACKEND_1)]);
         s.node_port = Some(30080);
         dp.add_service(&s);
 
@@ -1377,21 +1054,19 @@ fn f4_nodeport_matches_only_node_addresses() {
 
 #[test]
 fn f9_tcp_and_udp_on_one_port_are_independent() {
-    if !lb_tests::privilege::privileged("f9_tcp_and_udp_on_one_port_are_independent") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         let dns = "10.96.0.10:53";
-        dp.add_service(&Svc::cluster_ip(
+        dp.add_service(&ServiceEntry::cluster_ip(
             20,
-            dns,
+            sa(dns),
             PROTO_TCP,
             vec![be(200, "10.244.5.5:5353")],
         ));
-        dp.add_service(&Svc::cluster_ip(
+        dp.add_service(&ServiceEntry::cluster_ip(
             21,
-            dns,
+            sa(dns),
             PROTO_UDP,
             vec![be(210, "10.244.6.6:53")],
         ));
@@ -1434,18 +1109,16 @@ fn f9_tcp_and_udp_on_one_port_are_independent() {
 
 #[test]
 fn f3_new_flows_spread_over_backends() {
-    if !lb_tests::privilege::privileged("f3_new_flows_spread_over_backends") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         let addrs = ["10.244.1.11:8080", "10.244.2.12:8080", "10.244.3.13:8080"];
         let backends = addrs
             .iter()
             .enumerate()
             .map(|(i, a)| be(11 + i as u32, a))
             .collect();
-        dp.add_service(&Svc::cluster_ip(1, VIP, PROTO_TCP, backends));
+        dp.add_service(&ServiceEntry::cluster_ip(1, sa(VIP), PROTO_TCP, backends));
         let mut seen = BTreeSet::new();
         // One client, 60 connections (the e2e test makes 15 requests).
         for port in 40000..40060u16 {
@@ -1465,20 +1138,18 @@ fn f3_new_flows_spread_over_backends() {
 
 #[test]
 fn f8_session_affinity_reuses_the_backend() {
-    if !lb_tests::privilege::privileged("f8_session_affinity_reuses_the_backend") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         let addrs = [
             "10.244.1.11:8080",
             "10.244.2.12:8080",
             "10.244.3.13:8080",
             "10.244.4.14:8080",
         ];
-        let mut s = Svc::cluster_ip(
+        let mut s = ServiceEntry::cluster_ip(
             1,
-            VIP,
+            sa(VIP),
             PROTO_TCP,
             addrs
                 .iter()
@@ -1552,18 +1223,16 @@ fn f8_session_affinity_reuses_the_backend() {
 
 #[test]
 fn e1_service_without_backends_drops() {
-    if !lb_tests::privilege::privileged("e1_service_without_backends_drops") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
-        dp.add_service(&Svc::cluster_ip(1, VIP, PROTO_TCP, vec![]));
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        dp.add_service(&ServiceEntry::cluster_ip(1, sa(VIP), PROTO_TCP, vec![]));
         let f = tcp(sa(CLIENT), sa(VIP), TCP_SYN).build();
         let r = dp.run(POD_INGRESS, &f);
         assert_eq!(r.ret, TC_ACT_SHOT);
         assert!(dp.ct_all().is_empty());
         // A slot pointing at a backend that does not exist (agent mid-update).
-        let mut s = Svc::cluster_ip(2, "10.96.0.20:80", PROTO_TCP, vec![]);
+        let mut s = ServiceEntry::cluster_ip(2, sa("10.96.0.20:80"), PROTO_TCP, vec![]);
         s.cluster.push(be(77, BACKEND_1));
         dp.add_service(&s);
         dp.remove_backend(77);
@@ -1593,15 +1262,12 @@ fn e1_service_without_backends_drops() {
 
 #[test]
 fn e5_internal_traffic_policy_local_uses_only_local_backends() {
-    if !lb_tests::privilege::privileged("e5_internal_traffic_policy_local_uses_only_local_backends")
-    {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
-        let mut s = Svc::cluster_ip(
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        let mut s = ServiceEntry::cluster_ip(
             1,
-            VIP,
+            sa(VIP),
             PROTO_TCP,
             vec![
                 be(11, BACKEND_1),
@@ -1635,11 +1301,11 @@ fn e5_internal_traffic_policy_local_uses_only_local_backends() {
 
 /// A NodePort service with externalTrafficPolicy=Local: one local backend,
 /// one remote (cluster set has both).
-fn etp_local(dp: &mut Dp) -> Svc {
+fn etp_local(dp: &mut Datapath) -> ServiceEntry {
     dp.add_node_addr(NODE);
-    let mut s = Svc::cluster_ip(
+    let mut s = ServiceEntry::cluster_ip(
         5,
-        VIP,
+        sa(VIP),
         PROTO_TCP,
         vec![be(51, BACKEND_1), local_be(52, "10.244.0.52:8080")],
     );
@@ -1652,13 +1318,9 @@ fn etp_local(dp: &mut Dp) -> Svc {
 
 #[test]
 fn m3_external_traffic_policy_local_uses_local_set_from_outside_only() {
-    if !lb_tests::privilege::privileged(
-        "m3_external_traffic_policy_local_uses_local_set_from_outside_only",
-    ) {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         etp_local(&mut dp);
         let fe = SocketAddrV4::new(NODE, 30080);
         // From outside: always the local backend, client address preserved.
@@ -1690,13 +1352,9 @@ fn m3_external_traffic_policy_local_uses_local_set_from_outside_only() {
 
 #[test]
 fn uplink_nodeport_to_local_backend_is_dnat_only_and_reply_leaves_via_uplink_egress() {
-    if !lb_tests::privilege::privileged(
-        "uplink_nodeport_to_local_backend_is_dnat_only_and_reply_leaves_via_uplink_egress",
-    ) {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         etp_local(&mut dp);
         let fe = SocketAddrV4::new(NODE, 30080);
         let local = sa("10.244.0.52:8080");
@@ -1743,16 +1401,16 @@ fn uplink_nodeport_to_local_backend_is_dnat_only_and_reply_leaves_via_uplink_egr
 }
 
 /// A NodePort service whose only backend is on another node.
-fn remote_nodeport(dp: &mut Dp) {
+fn remote_nodeport(dp: &mut Datapath) {
     dp.add_node_addr(NODE);
-    let mut s = Svc::cluster_ip(6, VIP, PROTO_TCP, vec![be(61, BACKEND_2)]);
+    let mut s = ServiceEntry::cluster_ip(6, sa(VIP), PROTO_TCP, vec![be(61, BACKEND_2)]);
     s.node_port = Some(30080);
     dp.add_service(&s);
 }
 
 /// Checks the two SNAT conntrack entries of the flow EXTERNAL -> NODE:30080
 /// and returns the SNAT port.
-fn assert_snat_entries(dp: &mut Dp, t0: u64, cfg: &DatapathConfig) -> u16 {
+fn assert_snat_entries(dp: &mut Datapath, t0: u64, cfg: &DatapathConfig) -> u16 {
     let fe = SocketAddrV4::new(NODE, 30080);
     let fwd = dp
         .ct(&ct_key(sa(EXTERNAL), fe, PROTO_TCP, CT_DIR_FORWARD))
@@ -1801,13 +1459,9 @@ fn assert_snat_entries(dp: &mut Dp, t0: u64, cfg: &DatapathConfig) -> u16 {
 fn m2_uplink_nodeport_to_remote_backend_snats_and_drops_without_route() {
     // In an empty network namespace the FIB has no route: the translated
     // packet is dropped (DropFibFailed), but the flow's entries exist.
-    if !lb_tests::privilege::privileged(
-        "m2_uplink_nodeport_to_remote_backend_snats_and_drops_without_route",
-    ) {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         remote_nodeport(&mut dp);
         let fe = SocketAddrV4::new(NODE, 30080);
         let t0 = boot_ns();
@@ -1831,13 +1485,9 @@ fn m2_uplink_nodeport_to_remote_backend_snats_and_drops_without_route() {
 /// uplink the flow is dropped and counted, and nothing is half-created.
 #[test]
 fn m2_external_ip_to_remote_backend_snats_to_the_uplink_address() {
-    if !lb_tests::privilege::privileged(
-        "m2_external_ip_to_remote_backend_snats_to_the_uplink_address",
-    ) {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         let ext_ip = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 12), 80);
         dp.add_backend(71, sa(BACKEND_2), PROTO_TCP, 0);
         dp.set_slot(7, 0, 71);
@@ -1925,12 +1575,10 @@ fn uplink_netns(neighbours: bool) -> (u32, [u8; 6]) {
 
 #[test]
 fn m2_uplink_snat_flow_is_redirected_both_ways_via_the_fib() {
-    if !lb_tests::privilege::privileged("m2_uplink_snat_flow_is_redirected_both_ways_via_the_fib") {
-        return;
-    }
-    in_netns(|| {
+    require_privileges!();
+    in_private_netns(|| {
         let (up0, up0_mac) = uplink_netns(true);
-        let mut dp = Dp::load();
+        let mut dp = Datapath::load();
         remote_nodeport(&mut dp);
         let fe = SocketAddrV4::new(NODE, 30080);
         let syn = tcp(sa(EXTERNAL), fe, TCP_SYN);
@@ -1989,12 +1637,10 @@ fn m2_uplink_snat_flow_is_redirected_both_ways_via_the_fib() {
 
 #[test]
 fn m2_uplink_snat_without_neighbour_uses_redirect_neigh() {
-    if !lb_tests::privilege::privileged("m2_uplink_snat_without_neighbour_uses_redirect_neigh") {
-        return;
-    }
-    in_netns(|| {
+    require_privileges!();
+    in_private_netns(|| {
         let (up0, _) = uplink_netns(false);
-        let mut dp = Dp::load();
+        let mut dp = Datapath::load();
         remote_nodeport(&mut dp);
         let fe = SocketAddrV4::new(NODE, 30080);
         let t0 = boot_ns();
@@ -2014,11 +1660,8 @@ fn m2_uplink_snat_without_neighbour_uses_redirect_neigh() {
 
 #[test]
 fn m2_snat_ports_are_collision_checked_and_exhaustion_drops() {
-    if !lb_tests::privilege::privileged("m2_snat_ports_are_collision_checked_and_exhaustion_drops")
-    {
-        return;
-    }
-    in_netns(|| {
+    require_privileges!();
+    in_private_netns(|| {
         // Two SNAT ports only.
         let cfg = DatapathConfig {
             snat_port_min: 61000,
@@ -2026,7 +1669,7 @@ fn m2_snat_ports_are_collision_checked_and_exhaustion_drops() {
             ..DatapathConfig::DEFAULT
         };
         let (up0, _) = uplink_netns(true);
-        let mut dp = Dp::load_with(cfg);
+        let mut dp = Datapath::load_with(cfg);
         remote_nodeport(&mut dp);
         let fe = SocketAddrV4::new(NODE, 30080);
         let mut ports = BTreeSet::new();
@@ -2061,12 +1704,15 @@ fn m2_snat_ports_are_collision_checked_and_exhaustion_drops() {
 fn uplink_ingress_passes_replies_of_unsnated_flows() {
     // A pod's flow to a backend on another node: the reply arrives on the
     // uplink (untranslated there) and is reverse-NATed at the pod's egress.
-    if !lb_tests::privilege::privileged("uplink_ingress_passes_replies_of_unsnated_flows") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
-        dp.add_service(&Svc::cluster_ip(1, VIP, PROTO_TCP, vec![be(12, BACKEND_2)]));
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        dp.add_service(&ServiceEntry::cluster_ip(
+            1,
+            sa(VIP),
+            PROTO_TCP,
+            vec![be(12, BACKEND_2)],
+        ));
         dp.run(POD_INGRESS, &tcp(sa(CLIENT), sa(VIP), TCP_SYN).build());
         let syn_ack = tcp(sa(BACKEND_2), sa(CLIENT), TCP_SYN | TCP_ACK);
         let r = dp.run(UPLINK_INGRESS, &syn_ack.build());
@@ -2085,12 +1731,10 @@ fn uplink_ingress_passes_replies_of_unsnated_flows() {
 
 #[test]
 fn ttl_one_is_not_redirected() {
-    if !lb_tests::privilege::privileged("ttl_one_is_not_redirected") {
-        return;
-    }
-    in_netns(|| {
+    require_privileges!();
+    in_private_netns(|| {
         let (up0, _) = uplink_netns(true);
-        let mut dp = Dp::load();
+        let mut dp = Datapath::load();
         remote_nodeport(&mut dp);
         let fe = SocketAddrV4::new(NODE, 30080);
         let r = dp.run_on(
@@ -2111,11 +1755,9 @@ fn ttl_one_is_not_redirected() {
 fn ttl_is_not_touched_when_the_stack_forwards() {
     // Only packets the datapath redirects itself get TTL - 1; DNAT'ed
     // packets passed to the stack keep theirs (the stack decrements it).
-    if !lb_tests::privilege::privileged("ttl_is_not_touched_when_the_stack_forwards") {
-        return;
-    }
-    in_netns(|| {
-        let mut dp = Dp::load();
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
         web(&mut dp);
         let syn = tcp(sa(CLIENT), sa(VIP), TCP_SYN).with_ttl(1);
         let r = dp.run(POD_INGRESS, &syn.build());

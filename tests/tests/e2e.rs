@@ -11,11 +11,9 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
-use lb_tests::privilege::privileged;
-use lb_tests::topology::{
-    endpoint_slice_yaml, manifest, service_yaml, Endpoint, Frontend, ServicePort, Topology,
-    EXTERNAL_IP,
-};
+use lb_tests::objects::{endpoint_slice, manifest, service, Endpoint, ServicePort, ServiceType};
+use lb_tests::require_privileges;
+use lb_tests::topology::{Frontend, Topology, EXTERNAL_IP};
 
 const WARMUP: Duration = Duration::from_secs(10);
 
@@ -37,9 +35,7 @@ fn two_nodes(node1_pods: &[&str], node2_pods: &[&str]) -> Topology {
 /// client reaches the nodes and nothing else.
 #[test]
 fn topology_connectivity_without_lb() {
-    if !privileged("topology_connectivity_without_lb") {
-        return;
-    }
+    require_privileges!();
     let t = two_nodes(&["client1", "web1"], &["web2"]);
     t.spawn_backend("web1", &["http:8080"]).unwrap();
     t.spawn_backend("web2", &["http:8080"]).unwrap();
@@ -102,9 +98,7 @@ fn topology_connectivity_without_lb() {
 /// both backends, 20 requests see both.
 #[test]
 fn f1_f3_cluster_ip_from_pod_keeps_pod_source_ip() {
-    if !privileged("f1_f3_cluster_ip_from_pod_keeps_pod_source_ip") {
-        return;
-    }
+    require_privileges!();
     let t = two_nodes(&["client1", "web1"], &["web2"]);
     t.spawn_backend("web1", &["http:8080"]).unwrap();
     t.spawn_backend("web2", &["http:8080"]).unwrap();
@@ -113,19 +107,22 @@ fn f1_f3_cluster_ip_from_pod_keeps_pod_source_ip() {
     let remote_ip = Ipv4Addr::new(10, 96, 0, 12);
     let both_ip = Ipv4Addr::new(10, 96, 0, 13);
     let http = [ServicePort::tcp("http", 80, 8080)];
-    let slice_ports = [("http", "TCP", 8080)];
     let m = manifest(&[
-        service_yaml("local", "ClusterIP", local_ip, &http, ""),
-        endpoint_slice_yaml("local", "local-1", &slice_ports, &[Endpoint::of(web1)]),
-        service_yaml("remote", "ClusterIP", remote_ip, &http, ""),
-        endpoint_slice_yaml("remote", "remote-1", &slice_ports, &[Endpoint::of(web2)]),
-        service_yaml("both", "ClusterIP", both_ip, &http, ""),
-        endpoint_slice_yaml(
-            "both",
-            "both-1",
-            &slice_ports,
-            &[Endpoint::of(web1), Endpoint::of(web2)],
-        ),
+        service("local", local_ip).ports(&http).into(),
+        endpoint_slice("local", "local-1")
+            .ports_of(&http)
+            .endpoint(Endpoint::of(web1))
+            .into(),
+        service("remote", remote_ip).ports(&http).into(),
+        endpoint_slice("remote", "remote-1")
+            .ports_of(&http)
+            .endpoint(Endpoint::of(web2))
+            .into(),
+        service("both", both_ip).ports(&http).into(),
+        endpoint_slice("both", "both-1")
+            .ports_of(&http)
+            .endpoints([Endpoint::of(web1), Endpoint::of(web2)])
+            .into(),
     ]);
     t.start_agents(&m).unwrap();
     t.wait_for_backends("node1", &Frontend::tcp(local_ip, 80), &[sa(web1.ip, 8080)])
@@ -176,41 +173,30 @@ fn f1_f3_cluster_ip_from_pod_keeps_pod_source_ip() {
 /// the NodePort.
 #[test]
 fn f4_m2_node_port_from_external_client() {
-    if !privileged("f4_m2_node_port_from_external_client") {
-        return;
-    }
+    require_privileges!();
     let t = two_nodes(&["web1"], &["web2"]);
     t.spawn_backend("web1", &["http:8080"]).unwrap();
     t.spawn_backend("web2", &["http:8080"]).unwrap();
     let (web1, web2) = (t.pod("web1"), t.pod("web2"));
-    let slice_ports = [("http", "TCP", 8080)];
+    let local_port = ServicePort::tcp("http", 80, 8080).node_port(30081);
+    let remote_port = ServicePort::tcp("http", 80, 8080).node_port(30082);
     let m = manifest(&[
-        service_yaml(
-            "np-local",
-            "NodePort",
-            Ipv4Addr::new(10, 96, 0, 21),
-            &[ServicePort::tcp("http", 80, 8080).node_port(30081)],
-            "",
-        ),
-        endpoint_slice_yaml(
-            "np-local",
-            "np-local-1",
-            &slice_ports,
-            &[Endpoint::of(web1)],
-        ),
-        service_yaml(
-            "np-remote",
-            "NodePort",
-            Ipv4Addr::new(10, 96, 0, 22),
-            &[ServicePort::tcp("http", 80, 8080).node_port(30082)],
-            "",
-        ),
-        endpoint_slice_yaml(
-            "np-remote",
-            "np-remote-1",
-            &slice_ports,
-            &[Endpoint::of(web2)],
-        ),
+        service("np-local", Ipv4Addr::new(10, 96, 0, 21))
+            .service_type(ServiceType::NodePort)
+            .port(local_port.clone())
+            .into(),
+        endpoint_slice("np-local", "np-local-1")
+            .ports_of(&[local_port])
+            .endpoint(Endpoint::of(web1))
+            .into(),
+        service("np-remote", Ipv4Addr::new(10, 96, 0, 22))
+            .service_type(ServiceType::NodePort)
+            .port(remote_port.clone())
+            .into(),
+        endpoint_slice("np-remote", "np-remote-1")
+            .ports_of(&[remote_port])
+            .endpoint(Endpoint::of(web2))
+            .into(),
     ]);
     t.start_agents(&m).unwrap();
     t.wait_for_backends(
@@ -265,31 +251,22 @@ fn f4_m2_node_port_from_external_client() {
 /// every query answered, both backends seen in 20 queries.
 #[test]
 fn f3_udp_dns_through_cluster_ip() {
-    if !privileged("f3_udp_dns_through_cluster_ip") {
-        return;
-    }
+    require_privileges!();
     let t = two_nodes(&["client1", "dns1"], &["dns2"]);
     t.spawn_dns("dns1", 53).unwrap();
     t.spawn_dns("dns2", 53).unwrap();
     let (dns1, dns2) = (t.pod("dns1"), t.pod("dns2"));
     let vip = Ipv4Addr::new(10, 96, 0, 10);
+    let dns = [
+        ServicePort::udp("dns", 53, 53),
+        ServicePort::tcp("dns-tcp", 53, 53),
+    ];
     let m = manifest(&[
-        service_yaml(
-            "kube-dns",
-            "ClusterIP",
-            vip,
-            &[
-                ServicePort::udp("dns", 53, 53),
-                ServicePort::tcp("dns-tcp", 53, 53),
-            ],
-            "",
-        ),
-        endpoint_slice_yaml(
-            "kube-dns",
-            "kube-dns-1",
-            &[("dns", "UDP", 53), ("dns-tcp", "TCP", 53)],
-            &[Endpoint::of(dns1), Endpoint::of(dns2)],
-        ),
+        service("kube-dns", vip).ports(&dns).into(),
+        endpoint_slice("kube-dns", "kube-dns-1")
+            .ports_of(&dns)
+            .endpoints([Endpoint::of(dns1), Endpoint::of(dns2)])
+            .into(),
     ]);
     t.start_agents(&m).unwrap();
     let backends = [sa(dns1.ip, 53), sa(dns2.ip, 53)];
@@ -327,37 +304,29 @@ fn f3_udp_dns_through_cluster_ip() {
 /// EndpointSlices of one Service.
 #[test]
 fn f9_tcp_and_udp_on_the_same_port() {
-    if !privileged("f9_tcp_and_udp_on_the_same_port") {
-        return;
-    }
+    require_privileges!();
     let t = two_nodes(&["client1", "web1"], &["web2"]);
     t.spawn_backend("web1", &["tcp:7000", "udp:7000"]).unwrap();
     t.spawn_backend("web2", &["tcp:7000", "udp:7000"]).unwrap();
     let (web1, web2) = (t.pod("web1"), t.pod("web2"));
     let vip = Ipv4Addr::new(10, 96, 0, 30);
+    let (tcp, udp) = (
+        ServicePort::tcp("echo-tcp", 7000, 7000),
+        ServicePort::udp("echo-udp", 7000, 7000),
+    );
     let m = manifest(&[
-        service_yaml(
-            "echo",
-            "ClusterIP",
-            vip,
-            &[
-                ServicePort::tcp("echo-tcp", 7000, 7000),
-                ServicePort::udp("echo-udp", 7000, 7000),
-            ],
-            "",
-        ),
-        endpoint_slice_yaml(
-            "echo",
-            "echo-tcp",
-            &[("echo-tcp", "TCP", 7000)],
-            &[Endpoint::of(web1)],
-        ),
-        endpoint_slice_yaml(
-            "echo",
-            "echo-udp",
-            &[("echo-udp", "UDP", 7000)],
-            &[Endpoint::of(web2)],
-        ),
+        service("echo", vip)
+            .ports(&[tcp.clone(), udp.clone()])
+            .into(),
+        // One slice per port, with different endpoints.
+        endpoint_slice("echo", "echo-tcp")
+            .ports_of(&[tcp])
+            .endpoint(Endpoint::of(web1))
+            .into(),
+        endpoint_slice("echo", "echo-udp")
+            .ports_of(&[udp])
+            .endpoint(Endpoint::of(web2))
+            .into(),
     ]);
     t.start_agents(&m).unwrap();
     t.wait_for_backends("node1", &Frontend::tcp(vip, 7000), &[sa(web1.ip, 7000)])
@@ -404,9 +373,7 @@ fn f9_tcp_and_udp_on_the_same_port() {
 /// working across the edit.
 #[test]
 fn manifest_edit_applies_live_and_keeps_open_connections() {
-    if !privileged("manifest_edit_applies_live_and_keeps_open_connections") {
-        return;
-    }
+    require_privileges!();
     let t = two_nodes(&["client1", "web1"], &["web2", "web3"]);
     for w in ["web1", "web2", "web3"] {
         t.spawn_backend(w, &["http:8080", "tcp:9000"]).unwrap();
@@ -416,12 +383,13 @@ fn manifest_edit_applies_live_and_keeps_open_connections() {
         ServicePort::tcp("http", 80, 8080),
         ServicePort::tcp("line", 9000, 9000),
     ];
-    let slice_ports = [("http", "TCP", 8080), ("line", "TCP", 9000)];
     let with = |pods: &[&str]| {
-        let eps: Vec<Endpoint> = pods.iter().map(|p| Endpoint::of(t.pod(p))).collect();
         manifest(&[
-            service_yaml("web", "ClusterIP", vip, &ports, ""),
-            endpoint_slice_yaml("web", "web-1", &slice_ports, &eps),
+            service("web", vip).ports(&ports).into(),
+            endpoint_slice("web", "web-1")
+                .ports_of(&ports)
+                .endpoints(pods.iter().map(|p| Endpoint::of(t.pod(p))))
+                .into(),
         ])
     };
     let addrs = |pods: &[&str], port: u16| -> Vec<SocketAddrV4> {
@@ -477,9 +445,7 @@ fn manifest_edit_applies_live_and_keeps_open_connections() {
 /// routed to node1 when the backend is on node1 (client IP kept).
 #[test]
 fn f5_external_ip_from_pod_and_external_client() {
-    if !privileged("f5_external_ip_from_pod_and_external_client") {
-        return;
-    }
+    require_privileges!();
     let t = two_nodes(&["client1", "web1"], &["web2"]);
     t.spawn_backend("web1", &["http:8080"]).unwrap();
     t.spawn_backend("web2", &["http:8080"]).unwrap();
@@ -487,34 +453,23 @@ fn f5_external_ip_from_pod_and_external_client() {
     let both_ip = Ipv4Addr::new(203, 0, 113, 10);
     let local_ip = Ipv4Addr::new(203, 0, 113, 11);
     let http = [ServicePort::tcp("http", 80, 8080)];
-    let slice_ports = [("http", "TCP", 8080)];
     let m = manifest(&[
-        service_yaml(
-            "ext-both",
-            "ClusterIP",
-            Ipv4Addr::new(10, 96, 0, 50),
-            &http,
-            &format!("  externalIPs:\n  - {both_ip}\n"),
-        ),
-        endpoint_slice_yaml(
-            "ext-both",
-            "ext-both-1",
-            &slice_ports,
-            &[Endpoint::of(web1), Endpoint::of(web2)],
-        ),
-        service_yaml(
-            "ext-local",
-            "ClusterIP",
-            Ipv4Addr::new(10, 96, 0, 51),
-            &http,
-            &format!("  externalIPs:\n  - {local_ip}\n"),
-        ),
-        endpoint_slice_yaml(
-            "ext-local",
-            "ext-local-1",
-            &slice_ports,
-            &[Endpoint::of(web1)],
-        ),
+        service("ext-both", Ipv4Addr::new(10, 96, 0, 50))
+            .ports(&http)
+            .external_ip(both_ip)
+            .into(),
+        endpoint_slice("ext-both", "ext-both-1")
+            .ports_of(&http)
+            .endpoints([Endpoint::of(web1), Endpoint::of(web2)])
+            .into(),
+        service("ext-local", Ipv4Addr::new(10, 96, 0, 51))
+            .ports(&http)
+            .external_ip(local_ip)
+            .into(),
+        endpoint_slice("ext-local", "ext-local-1")
+            .ports_of(&http)
+            .endpoint(Endpoint::of(web1))
+            .into(),
     ]);
     t.start_agents(&m).unwrap();
     t.wait_for_backends(
@@ -555,27 +510,21 @@ fn f5_external_ip_from_pod_and_external_client() {
 /// back through node1.
 #[test]
 fn m2_external_ip_remote_backend_snat_to_node() {
-    if !privileged("m2_external_ip_remote_backend_snat_to_node") {
-        return;
-    }
+    require_privileges!();
     let t = two_nodes(&["web1"], &["web2"]);
     t.spawn_backend("web2", &["http:8080"]).unwrap();
     let web2 = t.pod("web2");
     let external_ip = Ipv4Addr::new(203, 0, 113, 12);
+    let http = [ServicePort::tcp("http", 80, 8080)];
     let m = manifest(&[
-        service_yaml(
-            "ext-remote",
-            "ClusterIP",
-            Ipv4Addr::new(10, 96, 0, 52),
-            &[ServicePort::tcp("http", 80, 8080)],
-            &format!("  externalIPs:\n  - {external_ip}\n"),
-        ),
-        endpoint_slice_yaml(
-            "ext-remote",
-            "ext-remote-1",
-            &[("http", "TCP", 8080)],
-            &[Endpoint::of(web2)],
-        ),
+        service("ext-remote", Ipv4Addr::new(10, 96, 0, 52))
+            .ports(&http)
+            .external_ip(external_ip)
+            .into(),
+        endpoint_slice("ext-remote", "ext-remote-1")
+            .ports_of(&http)
+            .endpoint(Endpoint::of(web2))
+            .into(),
     ]);
     t.start_agents(&m).unwrap();
     t.wait_for_backends(

@@ -1,21 +1,25 @@
-//! The fake apiserver speaks the protocol kube-rs expects: every case drives it
-//! with the real `kube::Client` (built from the kubeconfig the fake writes) and
-//! `kube::runtime::watcher`, client and server both inside a fresh private
-//! network namespace with only loopback up.
+//! The fake apiserver (crate `fake-apiserver`) speaks the protocol kube-rs
+//! expects: every case drives it with the real `kube::Client` (built from the
+//! kubeconfig the fake writes) and `kube::runtime::watcher`, client and server
+//! both inside a fresh private network namespace with only loopback up.
 
 use std::future::Future;
+use std::net::{Ipv4Addr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fake_apiserver::{FakeApiServer, ResourceKind};
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, ObjectReference, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Client, Config, Resource, ResourceExt};
-use lb_tests::fake_apiserver::{bind_in_netns, FakeApiServer, ResourceKind};
+use lb_tests::netns::{bind_in_netns, in_named_netns, in_private_netns, NamedNetns};
+use lb_tests::objects::{self, ServicePort};
+use lb_tests::{require_privileges, test_name};
 use serde_json::{json, Value};
 
 /// SEMANTICS W1.
@@ -24,20 +28,17 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// Runs `f` against a fresh fake apiserver and a kube client from its
 /// kubeconfig, both in a new private network namespace (test traffic never
-/// leaves it), on a current-thread runtime, bounded to 40 s.
+/// leaves it), on a current-thread runtime, bounded to 40 s. `name` (the
+/// test's) names its temp directory and a timeout.
 fn run<F, Fut>(name: &str, f: F)
 where
     F: FnOnce(Arc<FakeApiServer>, Client) -> Fut + Send,
     Fut: Future<Output = ()>,
 {
-    if !lb_tests::privilege::privileged(name) {
-        return;
-    }
-    lb_tests::netns::in_private_netns(|| {
-        let server = Arc::new(FakeApiServer::start(bind_in_netns(
-            None,
-            "127.0.0.1:0".parse().unwrap(),
-        )));
+    in_private_netns(|| {
+        let server = Arc::new(FakeApiServer::start(
+            TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"),
+        ));
         let dir =
             std::env::temp_dir().join(format!("lb-fake-apiserver-{}-{name}", std::process::id()));
         let path = server.write_kubeconfig(&dir);
@@ -61,17 +62,24 @@ where
     });
 }
 
-fn svc(ns: &str, name: &str, labels: Value) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": ns, "labels": labels},
-        "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
-    })
+/// Service `ns/name` at 10.96.0.10, port 80, with `labels` (the watches
+/// here select on them: [`W1`]).
+fn svc(ns: &str, name: &str, labels: &[(&str, &str)]) -> Service {
+    let mut b = objects::service(name, Ipv4Addr::new(10, 96, 0, 10))
+        .namespace(ns)
+        .port(ServicePort::tcp("http", 80, 80));
+    for (k, v) in labels {
+        b = b.label(k, v);
+    }
+    b.build()
 }
 
-fn node(name: &str, labels: Value) -> Value {
-    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}})
+fn node(name: &str, labels: &[(&str, &str)]) -> Node {
+    let mut b = objects::node(name);
+    for (k, v) in labels {
+        b = b.label(k, v);
+    }
+    b.build()
 }
 
 /// A short name for a watcher event: `Init`, `InitApply(ns/name)`, `Apply(..)`.
@@ -147,154 +155,144 @@ fn names(list: &[Service]) -> Vec<String> {
 
 #[test]
 fn list_with_selectors_get_and_discovery() {
-    run(
-        "list_with_selectors_get_and_discovery",
-        |server, client| async move {
-            // A typed k8s-openapi object and JSON objects both go in.
-            let typed = Service {
-                metadata: ObjectMeta {
-                    name: Some("web".into()),
-                    namespace: Some("default".into()),
-                    ..Default::default()
+    require_privileges!();
+    run(test_name!(), |server, client| async move {
+        // A typed k8s-openapi object, JSON and YAML all go in.
+        let typed = objects::service("web", Ipv4Addr::new(10, 96, 0, 20))
+            .port(ServicePort::tcp("http", 80, 8080))
+            .build();
+        let stored = server.apply(&typed);
+        assert_eq!(stored["metadata"]["generation"], 1);
+        assert!(stored["metadata"]["uid"]
+            .as_str()
+            .is_some_and(|u| u.len() == 36));
+        server.apply(&json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {
+                    "name": "proxied",
+                    "namespace": "default",
+                    "labels": {"service.kubernetes.io/service-proxy-name": "other-proxy"},
                 },
-                spec: Some(ServiceSpec {
-                    cluster_ip: Some("10.96.0.20".into()),
-                    ports: Some(vec![ServicePort {
-                        port: 80,
-                        ..Default::default()
-                    }]),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            };
-            let stored = server.apply(&typed);
-            assert_eq!(stored["metadata"]["generation"], 1);
-            assert!(stored["metadata"]["uid"]
-                .as_str()
-                .is_some_and(|u| u.len() == 36));
-            server.apply(&svc(
-                "default",
-                "proxied",
-                json!({"service.kubernetes.io/service-proxy-name": "other-proxy"}),
-            ));
-            server.apply(&svc(
-                "default",
-                "headless",
-                json!({"service.kubernetes.io/headless": ""}),
-            ));
-            server.apply_yaml(
+                "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+            }));
+        server.apply(&svc(
+            "default",
+            "headless",
+            &[("service.kubernetes.io/headless", "")],
+        ));
+        server.apply_yaml(
             "apiVersion: v1\nkind: Service\nmetadata:\n  name: dns\n  namespace: kube-system\n  labels:\n    k8s-app: kube-dns\nspec:\n  clusterIP: 10.96.0.10\n---\n",
         );
 
-            let all: Api<Service> = Api::all(client.clone());
-            let list = all.list(&ListParams::default().labels(W1)).await.unwrap();
-            assert_eq!(names(&list.items), ["default/web", "kube-system/dns"]);
-            assert_eq!(
-                list.metadata.resource_version,
-                Some(server.resource_version().to_string())
-            );
-            let every = all.list(&ListParams::default()).await.unwrap();
-            assert_eq!(every.items.len(), 4);
+        let all: Api<Service> = Api::all(client.clone());
+        let list = all.list(&ListParams::default().labels(W1)).await.unwrap();
+        assert_eq!(names(&list.items), ["default/web", "kube-system/dns"]);
+        assert_eq!(
+            list.metadata.resource_version,
+            Some(server.resource_version().to_string())
+        );
+        let every = all.list(&ListParams::default()).await.unwrap();
+        assert_eq!(every.items.len(), 4);
 
-            let default: Api<Service> = Api::namespaced(client.clone(), "default");
-            let l = default
-                .list(&ListParams::default().labels(W1))
-                .await
-                .unwrap();
-            assert_eq!(names(&l.items), ["default/web"]);
-            let l = default
-                .list(&ListParams::default().labels("service.kubernetes.io/headless"))
-                .await
-                .unwrap();
-            assert_eq!(names(&l.items), ["default/headless"]);
-            let l = all
-                .list(&ListParams::default().labels("k8s-app in (kube-dns, coredns)"))
-                .await
-                .unwrap();
-            assert_eq!(names(&l.items), ["kube-system/dns"]);
-            let l = all
-                .list(&ListParams::default().fields("metadata.name=proxied"))
-                .await
-                .unwrap();
-            assert_eq!(names(&l.items), ["default/proxied"]);
-            let l = all
-                .list(&ListParams::default().fields("metadata.namespace!=default"))
-                .await
-                .unwrap();
-            assert_eq!(names(&l.items), ["kube-system/dns"]);
-            assert_eq!(server.list_count(ResourceKind::Service), 7);
+        let default: Api<Service> = Api::namespaced(client.clone(), "default");
+        let l = default
+            .list(&ListParams::default().labels(W1))
+            .await
+            .unwrap();
+        assert_eq!(names(&l.items), ["default/web"]);
+        let l = default
+            .list(&ListParams::default().labels("service.kubernetes.io/headless"))
+            .await
+            .unwrap();
+        assert_eq!(names(&l.items), ["default/headless"]);
+        let l = all
+            .list(&ListParams::default().labels("k8s-app in (kube-dns, coredns)"))
+            .await
+            .unwrap();
+        assert_eq!(names(&l.items), ["kube-system/dns"]);
+        let l = all
+            .list(&ListParams::default().fields("metadata.name=proxied"))
+            .await
+            .unwrap();
+        assert_eq!(names(&l.items), ["default/proxied"]);
+        let l = all
+            .list(&ListParams::default().fields("metadata.namespace!=default"))
+            .await
+            .unwrap();
+        assert_eq!(names(&l.items), ["kube-system/dns"]);
+        assert_eq!(server.list_count(ResourceKind::Service), 7);
 
-            // Bad selectors are 400s, as from kube-apiserver.
-            let err = all
-                .list(&ListParams::default().fields("spec.clusterIP=1.2.3.4"))
-                .await
-                .unwrap_err();
-            assert!(
-                matches!(&err, kube::Error::Api(s) if s.code == 400 && s.reason == "BadRequest"),
-                "{err:?}"
-            );
+        // Bad selectors are 400s, as from kube-apiserver.
+        let err = all
+            .list(&ListParams::default().fields("spec.clusterIP=1.2.3.4"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, kube::Error::Api(s) if s.code == 400 && s.reason == "BadRequest"),
+            "{err:?}"
+        );
 
-            // Single GET, and a proper 404 Status.
-            let web = default.get("web").await.unwrap();
-            assert_eq!(web.spec.unwrap().cluster_ip.as_deref(), Some("10.96.0.20"));
-            let err = default.get("nope").await.unwrap_err();
-            assert!(
-                matches!(&err, kube::Error::Api(s) if s.code == 404 && s.reason == "NotFound"
+        // Single GET, and a proper 404 Status.
+        let web = default.get("web").await.unwrap();
+        assert_eq!(web.spec.unwrap().cluster_ip.as_deref(), Some("10.96.0.20"));
+        let err = default.get("nope").await.unwrap_err();
+        assert!(
+            matches!(&err, kube::Error::Api(s) if s.code == 404 && s.reason == "NotFound"
                 && s.message == "services \"nope\" not found"),
-                "{err:?}"
-            );
-            assert!(default.get_opt("nope").await.unwrap().is_none());
+            "{err:?}"
+        );
+        assert!(default.get_opt("nope").await.unwrap().is_none());
 
-            // Discovery and version.
-            let v = client.apiserver_version().await.unwrap();
-            assert_eq!((v.major.as_str(), v.minor.as_str()), ("1", "33"));
-            let groups = client.list_api_groups().await.unwrap();
-            assert!(groups.groups.iter().any(|g| g.name == "discovery.k8s.io"));
-            let core = client.list_core_api_versions().await.unwrap();
-            assert_eq!(core.versions, ["v1"]);
-            let res = client
-                .list_api_group_resources("discovery.k8s.io/v1")
-                .await
-                .unwrap();
-            assert!(res.resources.iter().any(|r| r.name == "endpointslices"));
-            let err = client
-                .request::<Value>(http_get("/apis/apps/v1/namespaces/default/deployments"))
-                .await
-                .unwrap_err();
-            assert!(
-                matches!(&err, kube::Error::Api(s) if s.code == 404),
-                "{err:?}"
-            );
+        // Discovery and version.
+        let v = client.apiserver_version().await.unwrap();
+        assert_eq!((v.major.as_str(), v.minor.as_str()), ("1", "33"));
+        let groups = client.list_api_groups().await.unwrap();
+        assert!(groups.groups.iter().any(|g| g.name == "discovery.k8s.io"));
+        let core = client.list_core_api_versions().await.unwrap();
+        assert_eq!(core.versions, ["v1"]);
+        let res = client
+            .list_api_group_resources("discovery.k8s.io/v1")
+            .await
+            .unwrap();
+        assert!(res.resources.iter().any(|r| r.name == "endpointslices"));
+        let err = client
+            .request::<Value>(http_get("/apis/apps/v1/namespaces/default/deployments"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, kube::Error::Api(s) if s.code == 404),
+            "{err:?}"
+        );
 
-            // The same kubeconfig, merged the way KUBECONFIG is read.
-            let dir = std::env::temp_dir().join(format!("lb-fake-kc-{}", std::process::id()));
-            let path = server.write_kubeconfig(&dir);
-            let merged = Kubeconfig::default()
-                .merge(Kubeconfig::read_from(&path).unwrap())
-                .unwrap();
-            let config = Config::from_custom_kubeconfig(merged, &KubeConfigOptions::default())
+        // The same kubeconfig, merged the way KUBECONFIG is read.
+        let dir = std::env::temp_dir().join(format!("lb-fake-kc-{}", std::process::id()));
+        let path = server.write_kubeconfig(&dir);
+        let merged = Kubeconfig::default()
+            .merge(Kubeconfig::read_from(&path).unwrap())
+            .unwrap();
+        let config = Config::from_custom_kubeconfig(merged, &KubeConfigOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(config.default_namespace, "default");
+        let again = Client::try_from(config).unwrap();
+        assert_eq!(
+            Api::<Service>::all(again)
+                .list(&ListParams::default())
                 .await
-                .unwrap();
-            assert_eq!(config.default_namespace, "default");
-            let again = Client::try_from(config).unwrap();
-            assert_eq!(
-                Api::<Service>::all(again)
-                    .list(&ListParams::default())
-                    .await
-                    .unwrap()
-                    .items
-                    .len(),
-                4
-            );
-            let _ = std::fs::remove_dir_all(&dir);
+                .unwrap()
+                .items
+                .len(),
+            4
+        );
+        let _ = std::fs::remove_dir_all(&dir);
 
-            // Every request carried the kubeconfig's token (or it would be a 401).
-            assert!(server
-                .requests()
-                .iter()
-                .any(|r| r.starts_with("GET /api/v1/services?")));
-        },
-    );
+        // Every request carried the kubeconfig's token (or it would be a 401).
+        assert!(server
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("GET /api/v1/services?")));
+    });
 }
 
 fn http_get(path: &str) -> hyper::Request<Vec<u8>> {
@@ -303,9 +301,10 @@ fn http_get(path: &str) -> hyper::Request<Vec<u8>> {
 
 #[test]
 fn pagination_is_consistent() {
-    run("pagination_is_consistent", |server, client| async move {
+    require_privileges!();
+    run(test_name!(), |server, client| async move {
         for i in 0..5 {
-            server.apply(&svc("default", &format!("s{i}"), json!({})));
+            server.apply(&svc("default", &format!("s{i}"), &[]));
         }
         let api: Api<Service> = Api::all(client.clone());
         let first = api.list(&ListParams::default().limit(2)).await.unwrap();
@@ -313,7 +312,7 @@ fn pagination_is_consistent() {
         assert_eq!(first.metadata.remaining_item_count, Some(3));
         let token = first.metadata.continue_.clone().expect("a continue token");
         // Changes between pages do not show: pages are at the first page's RV.
-        server.apply(&svc("default", "s5", json!({})));
+        server.apply(&svc("default", "s5", &[]));
         server.delete(ResourceKind::Service, "default", "s3");
         let mut all = names(&first.items);
         let mut token = Some(token);
@@ -381,7 +380,7 @@ fn pagination_is_consistent() {
 
         // A continue token from before a compaction is 410 Expired.
         let first = api.list(&ListParams::default().limit(2)).await.unwrap();
-        server.apply(&svc("default", "s6", json!({})));
+        server.apply(&svc("default", "s6", &[]));
         server.compact();
         let err = api
             .list(
@@ -401,70 +400,69 @@ fn pagination_is_consistent() {
 
 #[test]
 fn watcher_sees_init_apply_delete_and_selector_transitions() {
-    run(
-        "watcher_sees_init_apply_delete_and_selector_transitions",
-        |server, client| async move {
-            server.apply(&svc("default", "a", json!({})));
-            server.apply(&svc("kube-system", "b", json!({})));
-            server.apply(&svc(
-                "default",
-                "hl",
-                json!({"service.kubernetes.io/headless": ""}),
-            ));
-            let api: Api<Service> = Api::all(client);
-            let mut errors = 0;
-            let mut w = watcher(api, watcher::Config::default().labels(W1)).boxed();
-            assert_eq!(
-                init_list(&mut w, &mut errors).await,
-                ["InitApply(default/a)", "InitApply(kube-system/b)"]
-            );
-            let mut next = async || show(&next_ok(&mut w, &mut errors).await);
+    require_privileges!();
+    run(test_name!(), |server, client| async move {
+        server.apply(&svc("default", "a", &[]));
+        server.apply(&svc("kube-system", "b", &[]));
+        server.apply(&svc(
+            "default",
+            "hl",
+            &[("service.kubernetes.io/headless", "")],
+        ));
+        let api: Api<Service> = Api::all(client);
+        let mut errors = 0;
+        let mut w = watcher(api, watcher::Config::default().labels(W1)).boxed();
+        assert_eq!(
+            init_list(&mut w, &mut errors).await,
+            ["InitApply(default/a)", "InitApply(kube-system/b)"]
+        );
+        let mut next = async || show(&next_ok(&mut w, &mut errors).await);
 
-            server.apply(&svc("default", "c", json!({})));
-            assert_eq!(next().await, "Apply(default/c)");
-            let mut a = svc("default", "a", json!({}));
-            a["spec"]["clusterIP"] = "10.96.0.99".into();
-            let stored = server.apply(&a);
-            assert_eq!(stored["metadata"]["generation"], 2);
-            assert_eq!(next().await, "Apply(default/a)");
-            // An identical apply is a no-op: no event, same RV.
-            let rv = server.resource_version();
-            server.apply(&a);
-            assert_eq!(server.resource_version(), rv);
-            server.delete(ResourceKind::Service, "kube-system", "b");
-            assert_eq!(next().await, "Delete(kube-system/b)");
-            // Not selected: no event.
-            server.apply(&svc(
-                "default",
-                "hl2",
-                json!({"service.kubernetes.io/headless": ""}),
-            ));
-            server.apply(&node("n1", json!({})));
-            // Starts matching: ADDED; stops matching: DELETED (as kube-apiserver).
-            server.apply(&svc("default", "hl", json!({})));
-            assert_eq!(next().await, "Apply(default/hl)");
-            server.apply(&svc(
-                "default",
-                "a",
-                json!({"service.kubernetes.io/service-proxy-name": "other"}),
-            ));
-            assert_eq!(next().await, "Delete(default/a)");
-            server.apply(&svc("default", "a", json!({})));
-            assert_eq!(next().await, "Apply(default/a)");
-            server.delete(ResourceKind::Service, "default", "hl2");
-            server.delete(ResourceKind::Service, "default", "c");
-            assert_eq!(next().await, "Delete(default/c)");
-            assert_eq!(errors, 0);
+        server.apply(&svc("default", "c", &[]));
+        assert_eq!(next().await, "Apply(default/c)");
+        let mut a = svc("default", "a", &[]);
+        a.spec.as_mut().unwrap().cluster_ip = Some("10.96.0.99".into());
+        let stored = server.apply(&a);
+        assert_eq!(stored["metadata"]["generation"], 2);
+        assert_eq!(next().await, "Apply(default/a)");
+        // An identical apply is a no-op: no event, same RV.
+        let rv = server.resource_version();
+        server.apply(&a);
+        assert_eq!(server.resource_version(), rv);
+        server.delete(ResourceKind::Service, "kube-system", "b");
+        assert_eq!(next().await, "Delete(kube-system/b)");
+        // Not selected: no event.
+        server.apply(&svc(
+            "default",
+            "hl2",
+            &[("service.kubernetes.io/headless", "")],
+        ));
+        server.apply(&node("n1", &[]));
+        // Starts matching: ADDED; stops matching: DELETED (as kube-apiserver).
+        server.apply(&svc("default", "hl", &[]));
+        assert_eq!(next().await, "Apply(default/hl)");
+        server.apply(&svc(
+            "default",
+            "a",
+            &[("service.kubernetes.io/service-proxy-name", "other")],
+        ));
+        assert_eq!(next().await, "Delete(default/a)");
+        server.apply(&svc("default", "a", &[]));
+        assert_eq!(next().await, "Apply(default/a)");
+        server.delete(ResourceKind::Service, "default", "hl2");
+        server.delete(ResourceKind::Service, "default", "c");
+        assert_eq!(next().await, "Delete(default/c)");
+        assert_eq!(errors, 0);
 
-            let watches: Vec<String> = server
-                .requests()
-                .into_iter()
-                .filter(|r| r.contains("watch=true"))
-                .collect();
-            assert_eq!(watches.len(), 1, "{watches:?}");
-            let w = &watches[0];
-            assert!(w.starts_with("GET /api/v1/services?"), "{w}");
-            for p in [
+        let watches: Vec<String> = server
+            .requests()
+            .into_iter()
+            .filter(|r| r.contains("watch=true"))
+            .collect();
+        assert_eq!(watches.len(), 1, "{watches:?}");
+        let w = &watches[0];
+        assert!(w.starts_with("GET /api/v1/services?"), "{w}");
+        for p in [
             "labelSelector=%21service.kubernetes.io%2Fservice-proxy-name%2C%21service.kubernetes.io%2Fheadless",
             "allowWatchBookmarks=true",
             "timeoutSeconds=290",
@@ -472,72 +470,70 @@ fn watcher_sees_init_apply_delete_and_selector_transitions() {
         ] {
             assert!(w.contains(p), "{w} lacks {p}");
         }
-        },
-    );
+    });
 }
 
 #[test]
 fn watcher_recovers_after_disconnect_and_after_compaction() {
-    run(
-        "watcher_recovers_after_disconnect_and_after_compaction",
-        |server, client| async move {
-            server.apply(&svc("default", "a", json!({})));
-            let api: Api<Service> = Api::all(client);
-            let (reader, writer) = reflector::store();
-            let mut w = reflector(writer, watcher(api, watcher::Config::default().labels(W1)))
-                .default_backoff()
-                .boxed();
-            let mut errors = 0;
-            assert_eq!(
-                init_list(&mut w, &mut errors).await,
-                ["InitApply(default/a)"]
-            );
-            quiet(&mut w, Duration::from_millis(200)).await;
-            assert_eq!(server.open_watches(), 1);
+    require_privileges!();
+    run(test_name!(), |server, client| async move {
+        server.apply(&svc("default", "a", &[]));
+        let api: Api<Service> = Api::all(client);
+        let (reader, writer) = reflector::store();
+        let mut w = reflector(writer, watcher(api, watcher::Config::default().labels(W1)))
+            .default_backoff()
+            .boxed();
+        let mut errors = 0;
+        assert_eq!(
+            init_list(&mut w, &mut errors).await,
+            ["InitApply(default/a)"]
+        );
+        quiet(&mut w, Duration::from_millis(200)).await;
+        assert_eq!(server.open_watches(), 1);
 
-            // A cut stream: the watcher re-watches from its RV; no relist.
-            // (Client and test share one thread: the client cannot act between
-            // these calls, so the change can only come through a new watch.)
-            server.disconnect_watches();
-            server.apply(&svc("default", "b", json!({})));
-            assert_eq!(
-                show(&next_ok(&mut w, &mut errors).await),
-                "Apply(default/b)"
-            );
-            assert_eq!(server.list_count(ResourceKind::Service), 1);
-            assert_eq!(server.watch_count_of(ResourceKind::Service), 2);
+        // A cut stream: the watcher re-watches from its RV; no relist.
+        // (Client and test share one thread: the client cannot act between
+        // these calls, so the change can only come through a new watch.)
+        server.disconnect_watches();
+        server.apply(&svc("default", "b", &[]));
+        assert_eq!(
+            show(&next_ok(&mut w, &mut errors).await),
+            "Apply(default/b)"
+        );
+        assert_eq!(server.list_count(ResourceKind::Service), 1);
+        assert_eq!(server.watch_count_of(ResourceKind::Service), 2);
 
-            // Cut, changes, compaction: the re-watch's RV is too old, the server
-            // sends a 410 ERROR event, the watcher relists.
-            server.disconnect_watches();
-            server.apply(&svc("default", "c", json!({})));
-            server.delete(ResourceKind::Service, "default", "a");
-            server.compact();
-            let relist = init_list(&mut w, &mut errors).await;
-            assert_eq!(relist, ["InitApply(default/b)", "InitApply(default/c)"]);
-            assert_eq!(errors, 1, "the 410 surfaces as one watcher error");
-            assert_eq!(server.expired_watch_count(), 1);
-            assert_eq!(server.list_count(ResourceKind::Service), 2);
-            let mut state: Vec<String> = reader.state().iter().map(|s| s.name_any()).collect();
-            state.sort();
-            assert_eq!(state, ["b", "c"]);
+        // Cut, changes, compaction: the re-watch's RV is too old, the server
+        // sends a 410 ERROR event, the watcher relists.
+        server.disconnect_watches();
+        server.apply(&svc("default", "c", &[]));
+        server.delete(ResourceKind::Service, "default", "a");
+        server.compact();
+        let relist = init_list(&mut w, &mut errors).await;
+        assert_eq!(relist, ["InitApply(default/b)", "InitApply(default/c)"]);
+        assert_eq!(errors, 1, "the 410 surfaces as one watcher error");
+        assert_eq!(server.expired_watch_count(), 1);
+        assert_eq!(server.list_count(ResourceKind::Service), 2);
+        let mut state: Vec<String> = reader.state().iter().map(|s| s.name_any()).collect();
+        state.sort();
+        assert_eq!(state, ["b", "c"]);
 
-            // And it keeps watching.
-            server.apply(&svc("default", "d", json!({})));
-            assert_eq!(
-                show(&next_ok(&mut w, &mut errors).await),
-                "Apply(default/d)"
-            );
-            assert_eq!(reader.state().len(), 3);
-        },
-    );
+        // And it keeps watching.
+        server.apply(&svc("default", "d", &[]));
+        assert_eq!(
+            show(&next_ok(&mut w, &mut errors).await),
+            "Apply(default/d)"
+        );
+        assert_eq!(reader.state().len(), 3);
+    });
 }
 
 #[test]
 fn bookmarks_are_sent_and_used() {
-    run("bookmarks_are_sent_and_used", |server, client| async move {
+    require_privileges!();
+    run(test_name!(), |server, client| async move {
         server.set_bookmark_interval(Some(Duration::from_millis(200)));
-        server.apply(&svc("default", "a", json!({})));
+        server.apply(&svc("default", "a", &[]));
         let api: Api<Service> = Api::all(client.clone());
 
         // Raw watch from "0": synthetic ADDED, then periodic bookmarks.
@@ -572,7 +568,7 @@ fn bookmarks_are_sent_and_used() {
             e => panic!("{e:?}"),
         }
         server.set_bookmark_interval(None);
-        server.apply(&node("n1", json!({}))); // another kind: moves the RV only
+        server.apply(&node("n1", &[])); // another kind: moves the RV only
         server.send_bookmarks();
         // (A periodic bookmark may still have been on its way.)
         let want = server.resource_version().to_string();
@@ -596,7 +592,7 @@ fn bookmarks_are_sent_and_used() {
             init_list(&mut s, &mut errors).await,
             ["InitApply(default/a)"]
         );
-        server.apply(&svc("default", "b", json!({})));
+        server.apply(&svc("default", "b", &[]));
         assert_eq!(
             show(&next_ok(&mut s, &mut errors).await),
             "Apply(default/b)"
@@ -618,12 +614,12 @@ fn bookmarks_are_sent_and_used() {
         );
         let lists = server.list_count(ResourceKind::Service);
         for i in 0..3 {
-            server.apply(&node(&format!("m{i}"), json!({})));
+            server.apply(&node(&format!("m{i}"), &[]));
         }
         quiet(&mut w, Duration::from_millis(600)).await; // bookmarks flow in
         server.compact();
         server.disconnect_watches();
-        server.apply(&svc("default", "c", json!({})));
+        server.apply(&svc("default", "c", &[]));
         assert_eq!(
             show(&next_ok(&mut w, &mut errors).await),
             "Apply(default/c)"
@@ -636,8 +632,9 @@ fn bookmarks_are_sent_and_used() {
 
 #[test]
 fn slow_server_still_works() {
-    run("slow_server_still_works", |server, client| async move {
-        server.apply(&svc("default", "a", json!({})));
+    require_privileges!();
+    run(test_name!(), |server, client| async move {
+        server.apply(&svc("default", "a", &[]));
         server.set_latency(Duration::from_millis(300));
         let api: Api<Service> = Api::all(client);
         let t = Instant::now();
@@ -658,7 +655,7 @@ fn slow_server_still_works() {
             ["InitApply(default/a)"]
         );
         assert!(t.elapsed() >= Duration::from_millis(300));
-        server.apply(&svc("default", "b", json!({})));
+        server.apply(&svc("default", "b", &[]));
         assert_eq!(
             show(&next_ok(&mut w, &mut errors).await),
             "Apply(default/b)"
@@ -674,77 +671,76 @@ fn slow_server_still_works() {
 
 #[test]
 fn unavailable_server_makes_the_watcher_back_off_then_recover() {
-    run(
-        "unavailable_server_makes_the_watcher_back_off_then_recover",
-        |server, client| async move {
-            server.apply(&svc("default", "a", json!({})));
-            let api: Api<Service> = Api::all(client);
-            let mut errors = 0;
-            let mut w = watcher(api.clone(), watcher::Config::default().labels(W1))
-                .default_backoff()
-                .boxed();
-            assert_eq!(
-                init_list(&mut w, &mut errors).await,
-                ["InitApply(default/a)"]
-            );
-            quiet(&mut w, Duration::from_millis(200)).await;
+    require_privileges!();
+    run(test_name!(), |server, client| async move {
+        server.apply(&svc("default", "a", &[]));
+        let api: Api<Service> = Api::all(client);
+        let mut errors = 0;
+        let mut w = watcher(api.clone(), watcher::Config::default().labels(W1))
+            .default_backoff()
+            .boxed();
+        assert_eq!(
+            init_list(&mut w, &mut errors).await,
+            ["InitApply(default/a)"]
+        );
+        quiet(&mut w, Duration::from_millis(200)).await;
 
-            // Down: the stream is cut and reconnects fail; the watcher reports
-            // errors and backs off (not a tight loop).
-            let conns = server.connection_count();
-            server.set_unavailable(true);
-            let t = Instant::now();
-            let mut seen = 0;
-            while t.elapsed() < Duration::from_millis(1500) {
-                if let Ok(Some(Err(e))) =
-                    tokio::time::timeout(Duration::from_millis(100), w.next()).await
-                {
-                    eprintln!("while down: {e}");
-                    seen += 1;
-                }
+        // Down: the stream is cut and reconnects fail; the watcher reports
+        // errors and backs off (not a tight loop).
+        let conns = server.connection_count();
+        server.set_unavailable(true);
+        let t = Instant::now();
+        let mut seen = 0;
+        while t.elapsed() < Duration::from_millis(1500) {
+            if let Ok(Some(Err(e))) =
+                tokio::time::timeout(Duration::from_millis(100), w.next()).await
+            {
+                eprintln!("while down: {e}");
+                seen += 1;
             }
-            assert!(seen >= 1, "no watcher error while the server was down");
-            let attempts = server.connection_count() - conns;
-            assert!(
-                attempts <= 6,
-                "{attempts} connections in 1.5 s: no backoff?"
-            );
-            server.apply(&svc("default", "b", json!({})));
-            server.set_unavailable(false);
-            // Resumes from its RV (history intact): the change, no relist.
-            assert_eq!(
-                show(&next_ok(&mut w, &mut errors).await),
-                "Apply(default/b)"
-            );
-            assert_eq!(server.list_count(ResourceKind::Service), 1);
+        }
+        assert!(seen >= 1, "no watcher error while the server was down");
+        let attempts = server.connection_count() - conns;
+        assert!(
+            attempts <= 6,
+            "{attempts} connections in 1.5 s: no backoff?"
+        );
+        server.apply(&svc("default", "b", &[]));
+        server.set_unavailable(false);
+        // Resumes from its RV (history intact): the change, no relist.
+        assert_eq!(
+            show(&next_ok(&mut w, &mut errors).await),
+            "Apply(default/b)"
+        );
+        assert_eq!(server.list_count(ResourceKind::Service), 1);
 
-            // 503s: kube's client retries them itself; once the server is back
-            // the call succeeds.
-            server.set_error_status(Some(503));
-            let before = server.requests().len();
-            let lp = ListParams::default();
-            let (list, ()) = tokio::join!(api.list(&lp), async {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                server.set_error_status(None);
-            });
-            assert_eq!(list.unwrap().items.len(), 2);
-            assert!(server.requests().len() - before >= 2, "no retry of the 503");
-            // A non-retried status surfaces as a Status error.
-            server.set_error_status(Some(500));
-            let err = api.list(&ListParams::default()).await.unwrap_err();
+        // 503s: kube's client retries them itself; once the server is back
+        // the call succeeds.
+        server.set_error_status(Some(503));
+        let before = server.requests().len();
+        let lp = ListParams::default();
+        let (list, ()) = tokio::join!(api.list(&lp), async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
             server.set_error_status(None);
-            assert!(
-                matches!(&err, kube::Error::Api(s) if s.code == 500 && s.reason == "InternalError"),
-                "{err:?}"
-            );
-        },
-    );
+        });
+        assert_eq!(list.unwrap().items.len(), 2);
+        assert!(server.requests().len() - before >= 2, "no retry of the 503");
+        // A non-retried status surfaces as a Status error.
+        server.set_error_status(Some(500));
+        let err = api.list(&ListParams::default()).await.unwrap_err();
+        server.set_error_status(None);
+        assert!(
+            matches!(&err, kube::Error::Api(s) if s.code == 500 && s.reason == "InternalError"),
+            "{err:?}"
+        );
+    });
 }
 
 #[test]
 fn events_are_stored() {
-    run("events_are_stored", |server, client| async move {
-        let stored = server.apply(&svc("default", "web", json!({})));
+    require_privileges!();
+    run(test_name!(), |server, client| async move {
+        let stored = server.apply(&svc("default", "web", &[]));
         let web: Service = serde_json::from_value(stored).unwrap();
         let reference = web.object_ref(&());
         let recorder = Recorder::new(
@@ -822,53 +818,49 @@ fn events_are_stored() {
 
 #[test]
 fn node_watch_with_field_selector() {
-    run(
-        "node_watch_with_field_selector",
-        |server, client| async move {
-            server.apply(&node("n1", json!({})));
-            server.apply(&node("n2", json!({})));
-            let nodes: Api<Node> = Api::all(client);
-            let mut errors = 0;
-            let mut w = watcher(
-                nodes.clone(),
-                watcher::Config::default().fields("metadata.name=n1"),
-            )
-            .boxed();
-            assert_eq!(init_list(&mut w, &mut errors).await, ["InitApply(n1)"]);
-            server.apply(&node("n2", json!({"x": "1"}))); // not selected
-            server.apply(&node("n1", json!({"x": "1"})));
-            let e = next_ok(&mut w, &mut errors).await;
-            assert_eq!(show(&e), "Apply(n1)");
-            if let watcher::Event::Apply(n) = e {
-                assert_eq!(n.labels().get("x").map(String::as_str), Some("1"));
-            }
-            server.delete(ResourceKind::Node, "", "n1");
-            assert_eq!(show(&next_ok(&mut w, &mut errors).await), "Delete(n1)");
-            assert_eq!(errors, 0);
-            assert!(server
-                .requests()
-                .iter()
-                .any(|r| r.starts_with("GET /api/v1/nodes?")
-                    && r.contains("fieldSelector=metadata.name%3Dn1")
-                    && r.contains("watch=true")));
-            // The node itself by name.
-            assert!(nodes.get_opt("n2").await.unwrap().is_some());
-        },
-    );
+    require_privileges!();
+    run(test_name!(), |server, client| async move {
+        server.apply(&node("n1", &[]));
+        server.apply(&node("n2", &[]));
+        let nodes: Api<Node> = Api::all(client);
+        let mut errors = 0;
+        let mut w = watcher(
+            nodes.clone(),
+            watcher::Config::default().fields("metadata.name=n1"),
+        )
+        .boxed();
+        assert_eq!(init_list(&mut w, &mut errors).await, ["InitApply(n1)"]);
+        server.apply(&node("n2", &[("x", "1")])); // not selected
+        server.apply(&node("n1", &[("x", "1")]));
+        let e = next_ok(&mut w, &mut errors).await;
+        assert_eq!(show(&e), "Apply(n1)");
+        if let watcher::Event::Apply(n) = e {
+            assert_eq!(n.labels().get("x").map(String::as_str), Some("1"));
+        }
+        server.delete(ResourceKind::Node, "", "n1");
+        assert_eq!(show(&next_ok(&mut w, &mut errors).await), "Delete(n1)");
+        assert_eq!(errors, 0);
+        assert!(server
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("GET /api/v1/nodes?")
+                && r.contains("fieldSelector=metadata.name%3Dn1")
+                && r.contains("watch=true")));
+        // The node itself by name.
+        assert!(nodes.get_opt("n2").await.unwrap().is_some());
+    });
 }
 
 #[test]
 fn writes_through_the_api() {
-    run("writes_through_the_api", |server, client| async move {
+    require_privileges!();
+    run(test_name!(), |server, client| async move {
         let api: Api<Service> = Api::namespaced(client, "default");
         let mut w = watcher(api.clone(), watcher::Config::default().labels(W1)).boxed();
         let mut errors = 0;
         assert!(init_list(&mut w, &mut errors).await.is_empty());
         let created = api
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(svc("default", "a", json!({}))).unwrap(),
-            )
+            .create(&PostParams::default(), &svc("default", "a", &[]))
             .await
             .unwrap();
         assert_eq!(
@@ -943,57 +935,21 @@ fn writes_through_the_api() {
     });
 }
 
-/// Deletes the named namespace on drop (also when the test panics).
-struct NamedNetns(String);
-
-impl NamedNetns {
-    fn create(name: &str) -> NamedNetns {
-        let ip = |args: &[&str]| {
-            let out = std::process::Command::new("ip")
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", name])
-            .output();
-        ip(&["netns", "add", name]);
-        let ns = NamedNetns(name.to_string());
-        ip(&["-n", name, "link", "set", "lo", "up"]);
-        ns
-    }
-}
-
-impl Drop for NamedNetns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .output();
-    }
-}
-
 #[test]
 fn server_bound_in_a_named_netns() {
-    if !lb_tests::privilege::privileged("server_bound_in_a_named_netns") {
-        return;
-    }
-    let netns = NamedNetns::create(&format!("lbfake{}", std::process::id()));
+    require_privileges!();
+    let netns = NamedNetns::create(&format!("lbfake{}", std::process::id())).unwrap();
     // Bound from a thread that entered the namespace; served from a thread of
     // the root namespace: the socket keeps its namespace.
     let server = FakeApiServer::start(bind_in_netns(
-        Some(&netns.0),
+        Some(netns.name()),
         "127.0.0.1:0".parse().unwrap(),
     ));
-    server.apply(&svc("default", "a", json!({})));
+    server.apply(&svc("default", "a", &[]));
     let dir = std::env::temp_dir().join(format!("lb-fake-named-{}", std::process::id()));
     let path = server.write_kubeconfig(&dir);
     // The client lives in the same namespace (never the root one).
-    let n = lb_tests::netns::in_named_netns(&netns.0, || {
+    let n = in_named_netns(netns.name(), || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -23,10 +23,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, Map, MapData};
+use fake_apiserver::FakeApiServer;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lb_common::{ipv4_to_net, map_names, port_to_net, ServiceKey, ServiceValue, PROTO_TCP};
 use lb_tests::artifacts;
-use lb_tests::fake_apiserver::{bind_in_netns, FakeApiServer};
-use serde_json::{json, Value};
+use lb_tests::netns::{bind_in_netns, NamedNetns};
+use lb_tests::objects::{endpoint_slice, service, Endpoint, Protocol, ServicePort};
 
 const INITIAL_TARGET: Duration = Duration::from_secs(2);
 const P99_TARGET: Duration = Duration::from_millis(10);
@@ -72,39 +75,37 @@ fn endpoint_ip(i: u32, e: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * 100 + e + 1)
 }
 
-fn service(i: u32) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": format!("svc-{i}"), "namespace": "bench"},
-        "spec": {
-            "type": "ClusterIP",
-            "clusterIP": cluster_ip(i).to_string(),
-            "clusterIPs": [cluster_ip(i).to_string()],
-            "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
-        }
-    })
+/// The namespace of every benchmark object.
+const NAMESPACE: &str = "bench";
+
+fn service_name(i: u32) -> String {
+    format!("svc-{i}")
 }
 
-fn slice(i: u32, endpoints: u32) -> Value {
-    let eps: Vec<Value> = (0..endpoints)
-        .map(|e| {
-            json!({
-                "addresses": [endpoint_ip(i, e).to_string()],
-                "conditions": {"ready": true, "serving": true, "terminating": false},
-                "nodeName": if e % 2 == 0 { "bench-node" } else { "other-node" }
-            })
-        })
-        .collect();
-    json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {
-            "name": format!("svc-{i}-abcde"), "namespace": "bench",
-            "labels": {"kubernetes.io/service-name": format!("svc-{i}")}
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": eps
-    })
+fn bench_service(i: u32) -> Service {
+    service(&service_name(i), cluster_ip(i))
+        .namespace(NAMESPACE)
+        .port(ServicePort::tcp("http", 80, 8080))
+        .build()
+}
+
+/// The node of endpoint `e` of a Service: every other one is on the
+/// benchmarked node.
+fn endpoint_node(e: u32) -> &'static str {
+    if e.is_multiple_of(2) {
+        "bench-node"
+    } else {
+        "other-node"
+    }
+}
+
+/// The EndpointSlice of Service `i` with `endpoints` endpoints.
+fn bench_slice(i: u32, endpoints: u32) -> EndpointSlice {
+    endpoint_slice(&service_name(i), &format!("svc-{i}-abcde"))
+        .namespace(NAMESPACE)
+        .port("http", Protocol::Tcp, 8080)
+        .endpoints((0..endpoints).map(|e| Endpoint::new(endpoint_ip(i, e), endpoint_node(e))))
+        .build()
 }
 
 fn key(i: u32) -> ServiceKey {
@@ -116,9 +117,10 @@ fn key(i: u32) -> ServiceKey {
     }
 }
 
-/// Everything the bench creates, removed on drop (also on error).
+/// Everything the bench creates, removed on drop (also on error): the
+/// agent, its pinned state, the namespace and the temp directory.
 struct Env {
-    netns: String,
+    netns: NamedNetns,
     bpffs: PathBuf,
     dir: PathBuf,
     agent: Option<Child>,
@@ -129,14 +131,12 @@ impl Env {
         lb_tests::privilege::ensure_bpffs().context("mounting bpffs")?;
         let pid = std::process::id();
         let env = Env {
-            netns: format!("lbbench{pid}"),
+            netns: NamedNetns::create(&format!("lbbench{pid}"))?,
             bpffs: PathBuf::from(format!("/sys/fs/bpf/lbbench{pid}")),
             dir: std::env::temp_dir().join(format!("lbbench{pid}")),
             agent: None,
         };
         std::fs::create_dir_all(&env.dir)?;
-        run(&["ip", "netns", "add", &env.netns])?;
-        run(&["ip", "-n", &env.netns, "link", "set", "lo", "up"])?;
         Ok(env)
     }
 
@@ -146,6 +146,7 @@ impl Env {
 }
 
 impl Drop for Env {
+    /// The namespace goes after this, with the `netns` field.
     fn drop(&mut self) {
         if let Some(mut a) = self.agent.take() {
             // SAFETY: plain kill(2) on our child's pid.
@@ -162,19 +163,8 @@ impl Drop for Env {
             .arg(&self.bpffs)
             .stderr(Stdio::null())
             .status();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn run(argv: &[&str]) -> Result<()> {
-    let st = Command::new(argv[0]).args(&argv[1..]).status()?;
-    if !st.success() {
-        bail!("{} failed", argv.join(" "));
-    }
-    Ok(())
 }
 
 fn services_map(bpffs: &std::path::Path) -> Result<HashMap<MapData, ServiceKey, ServiceValue>> {
@@ -214,14 +204,17 @@ fn main() -> Result<()> {
         );
     }
     let mut env = Env::new()?;
-    let listener = bind_in_netns(Some(&env.netns), SocketAddr::from(([127, 0, 0, 1], 6443)));
+    let listener = bind_in_netns(
+        Some(env.netns.name()),
+        SocketAddr::from(([127, 0, 0, 1], 6443)),
+    );
     let server = FakeApiServer::start(listener);
     let kubeconfig = server.write_kubeconfig(&env.dir);
 
     let t = Instant::now();
     for i in 0..o.services {
-        server.apply(&service(i));
-        server.apply(&slice(i, o.endpoints));
+        server.apply(&bench_service(i));
+        server.apply(&bench_slice(i, o.endpoints));
     }
     server.compact();
     println!(
@@ -233,7 +226,7 @@ fn main() -> Result<()> {
 
     // Initial programming.
     let log = std::fs::File::create(env.dir.join("agent.log"))?;
-    let net = format!("--net=/run/netns/{}", env.netns);
+    let net = format!("--net=/run/netns/{}", env.netns.name());
     let started = Instant::now();
     let child = Command::new("nsenter")
         .arg(&net)
@@ -294,7 +287,7 @@ fn main() -> Result<()> {
             shrunk.insert(i);
             o.endpoints - 1
         };
-        let obj = slice(i, want);
+        let obj = bench_slice(i, want);
         let t0 = Instant::now();
         server.apply(&obj);
         loop {
@@ -317,7 +310,7 @@ fn main() -> Result<()> {
     let rss = status_kib(pid, "VmRSS:").unwrap_or(0.0) / 1024.0;
     let hwm = status_kib(pid, "VmHWM:").unwrap_or(0.0) / 1024.0;
     let metrics = Command::new("ip")
-        .args(["netns", "exec", &env.netns, "curl", "-s"])
+        .args(["netns", "exec", env.netns.name(), "curl", "-s"])
         .arg("http://127.0.0.1:10249/metrics")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())

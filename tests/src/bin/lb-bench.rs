@@ -30,15 +30,9 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use aya::maps::{HashMap, PerCpuArray};
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
-use aya::{Ebpf, EbpfLoader};
-use lb_common::{
-    ipv4_to_net, map_names, program_names, service_flags, BackendSlot, BackendSlotKey,
-    BackendValue, DatapathConfig, ServiceKey, ServiceValue, StatReason, DATAPATH_CONFIG_GLOBAL,
-    PROTO_TCP, SCOPE_EXACT,
-};
+use anyhow::{bail, Result};
+use lb_common::{program_names, DatapathConfig, StatReason, PROTO_TCP};
+use lb_tests::datapath::{BackendEntry, Datapath, ServiceEntry};
 use lb_tests::packet::{tcp, tuple, TCP_ACK, TCP_PSH, TCP_SYN};
 
 const TARGET_RATIO: f64 = 1.2;
@@ -129,87 +123,48 @@ fn client(n: u32) -> SocketAddrV4 {
 
 struct Instance {
     services: u32,
-    ebpf: Ebpf,
+    dp: Datapath,
     next_client: u32,
     established: Vec<Vec<u8>>,
     new_flows: u64,
 }
 
 impl Instance {
-    fn new(object: &[u8], services: u32) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
-            .override_global(DATAPATH_CONFIG_GLOBAL, &DatapathConfig::DEFAULT, true)
-            .load(object)
-            .context("load the eBPF object")?;
-        for name in [program_names::POD_INGRESS, program_names::POD_EGRESS] {
-            let p: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .with_context(|| format!("no program {name}"))?
-                .try_into()?;
-            p.load()?;
-        }
+    fn new(services: u32) -> Result<Self> {
+        // Only the programs a pod's traffic goes through.
+        let dp = Datapath::load_programs(
+            DatapathConfig::DEFAULT,
+            &[program_names::POD_INGRESS, program_names::POD_EGRESS],
+        )?;
         let mut inst = Self {
             services,
-            ebpf,
+            dp,
             next_client: 0,
             established: Vec::new(),
             new_flows: 0,
         };
-        inst.fill()?;
+        inst.fill();
         Ok(inst)
     }
 
-    fn fill(&mut self) -> Result<()> {
+    /// `services` ClusterIP service ports with `SLOTS_PER_SERVICE` backends
+    /// each, taken round-robin from a pool of backends.
+    fn fill(&mut self) {
         let pool = BACKEND_POOL.min(self.services * SLOTS_PER_SERVICE);
-        {
-            let mut backends: HashMap<_, u32, BackendValue> =
-                HashMap::try_from(self.ebpf.map_mut(map_names::BACKENDS).unwrap())?;
-            for b in 0..pool {
-                let a = backend(b);
-                let v = BackendValue {
-                    addr: ipv4_to_net(a.ip().octets()),
-                    port: a.port().to_be(),
-                    proto: PROTO_TCP,
-                    flags: 0,
-                };
-                backends.insert(b + 1, v, 0)?;
-            }
-        }
-        {
-            let mut slots: HashMap<_, BackendSlotKey, BackendSlot> =
-                HashMap::try_from(self.ebpf.map_mut(map_names::BACKEND_SLOTS).unwrap())?;
-            for i in 0..self.services {
-                for s in 0..SLOTS_PER_SERVICE {
-                    let key = BackendSlotKey {
-                        service_id: i + 1,
-                        slot: s,
-                    };
-                    let b = (i * SLOTS_PER_SERVICE + s) % pool;
-                    slots.insert(key, BackendSlot { backend_id: b + 1 }, 0)?;
-                }
-            }
-        }
-        let mut svcs: HashMap<_, ServiceKey, ServiceValue> =
-            HashMap::try_from(self.ebpf.map_mut(map_names::SERVICES).unwrap())?;
         for i in 0..self.services {
-            let v = vip(i);
-            let key = ServiceKey {
-                addr: ipv4_to_net(v.ip().octets()),
-                port: v.port().to_be(),
-                proto: PROTO_TCP,
-                scope: SCOPE_EXACT,
-            };
-            let value = ServiceValue {
-                service_id: i + 1,
-                backend_count: SLOTS_PER_SERVICE as u16,
-                local_backend_count: 0,
-                flags: service_flags::CLUSTER_IP,
-                _pad: 0,
-                affinity_timeout_sec: 0,
-            };
-            svcs.insert(key, value, 0)?;
+            let backends = (0..SLOTS_PER_SERVICE)
+                .map(|s| {
+                    let b = (i * SLOTS_PER_SERVICE + s) % pool;
+                    BackendEntry::new(b + 1, backend(b))
+                })
+                .collect();
+            self.dp.add_service(&ServiceEntry::cluster_ip(
+                i + 1,
+                vip(i),
+                PROTO_TCP,
+                backends,
+            ));
         }
-        Ok(())
     }
 
     /// One run of lb_pod_ingress; returns (verdict, ns, output).
@@ -218,16 +173,8 @@ impl Instance {
     }
 
     fn run_prog(&self, prog: &str, frame: &[u8]) -> Result<(u32, u64, Vec<u8>)> {
-        let p: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into()?;
-        let mut out = vec![0u8; frame.len() + 64];
-        let r = p.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..TestRunOptions::default()
-        })?;
-        out.truncate(r.data_size_out as usize);
-        Ok((r.return_value, r.duration.as_nanos() as u64, out))
+        let r = self.dp.run(prog, frame);
+        Ok((r.ret, r.duration.as_nanos() as u64, r.out))
     }
 
     fn new_client(&mut self) -> SocketAddrV4 {
@@ -299,9 +246,7 @@ impl Instance {
     }
 
     fn counter(&self, r: StatReason) -> Result<u64> {
-        let m: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map(map_names::STATS).unwrap())?;
-        Ok(m.get(&(r as u32), 0)?.iter().sum())
+        Ok(self.dp.stat(r))
     }
 }
 
@@ -343,17 +288,15 @@ fn main() -> Result<()> {
         std::process::exit(2);
     }
     // Nothing here sends packets, but keep even the FIB out of reach.
-    // SAFETY: no memory-safety preconditions; the process is single-threaded.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
-    }
+    lb_tests::netns::in_private_netns(|| bench(started, rounds, runs, &counts))
+}
 
-    let object = lb_tests::artifacts::ebpf_object_bytes();
+fn bench(started: Instant, rounds: usize, runs: usize, counts: &[u32]) -> Result<()> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut insts = Vec::new();
-    for &n in &counts {
+    for &n in counts {
         let t = Instant::now();
-        let mut inst = Instance::new(&object, n)?;
+        let mut inst = Instance::new(n)?;
         inst.open_flows(&mut rng)?;
         println!(
             "instance with {n:>7} services: maps filled, {ESTABLISHED_FLOWS} flows opened in {:.2?}",
