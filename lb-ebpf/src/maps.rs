@@ -12,9 +12,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, BackendSlot, BackendSlotKey, BackendValue, ConntrackEntry,
-    ConntrackKey, DatapathConfig, NodeAddrValue, ServiceKey, ServicePortNameValue, ServiceValue, UplinkAddr,
-    MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_NODE_ADDRS, MAX_SERVICES,
-    MAX_UPLINKS, STAT_COUNT,
+    ConntrackKey, DatapathConfig, NodeAddrValue, ServiceKey, ServicePortNameValue, ServiceValue,
+    UplinkAddr, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_NODE_ADDRS,
+    MAX_SERVICES, MAX_UPLINKS, STAT_COUNT,
 };
 
 /// Maps written only by the agent are allocated on demand: preallocating
@@ -69,8 +69,12 @@ pub static LB_STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::ne
 /// part of the object so that the loader creates (and pins) it with the rest:
 /// see [`keep_service_names`].
 #[btf_map]
-pub static LB_SERVICE_NAMES: HashMap<u32, ServicePortNameValue, { MAX_SERVICES as usize }, NO_PREALLOC> =
-    HashMap::new();
+pub static LB_SERVICE_NAMES: HashMap<
+    u32,
+    ServicePortNameValue,
+    { MAX_SERVICES as usize },
+    NO_PREALLOC,
+> = HashMap::new();
 
 /// Load-time configuration, overridden by userspace with
 /// `EbpfLoader::override_global(lb_common::DATAPATH_CONFIG_GLOBAL, ..)`.

@@ -18,9 +18,9 @@
 //!   its sync loop starts too; from then on a stuck first sync turns
 //!   `/healthz` to 503 after `health_timeout`.
 //! - `/healthz` is additionally 503 while the node is not eligible
-//!   ([`ProxyHealth::set_node_eligible`], [`ProxyHealth::sync_node`]: node being
-//!   deleted or tainted `ToBeDeletedByClusterAutoscaler`); `/livez` ignores
-//!   the node. The node starts eligible.
+//!   ([`ProxyHealth::sync_node`]: node being deleted or tainted
+//!   `ToBeDeletedByClusterAutoscaler`); `/livez` ignores the node. The node
+//!   starts eligible.
 //! - Bodies as kube-proxy writes them, key order and spacing included:
 //!   `{"lastUpdated": "..","currentTime": "..", "nodeEligible": true}` and
 //!   `{"lastUpdated": "..","currentTime": ".."}`. When healthy, lastUpdated
@@ -34,7 +34,7 @@
 //! - Content-Type `application/json`, `X-Content-Type-Options: nosniff`;
 //!   any method; other paths get Go's `404 page not found`.
 //!
-//! Time is injected ([`Moment`]) so the logic is tested without sleeping.
+//! Time is injected (`Moment`) so the logic is tested without sleeping.
 //! The pending-update age uses the monotonic clock (like Go's `time.Time`
 //! with its monotonic reading), the printed times the wall clock.
 //!
@@ -55,9 +55,9 @@
 //! ```
 //! (kube-proxy's exact bytes: indented with tabs, shown here as spaces; no
 //! trailing newline), status 200 when localEndpoints > 0 and the proxy is
-//! healthy, 503 otherwise. As in
-//! kube-proxy, "proxy healthy" here is [`ProxyHealth::is_healthy`], which
-//! does not look at node eligibility. `localEndpoints` is the model's count:
+//! healthy, 503 otherwise. As in kube-proxy, "proxy healthy" here is the
+//! proxy's own health (`IsHealthy`), which does not look at node
+//! eligibility. `localEndpoints` is the model's count:
 //! local endpoints with condition ready (not the serving+terminating
 //! fallback), summed over the Service's ports, as kube-proxy's
 //! `LocalReadyEndpoints` counts them. The EndpointSlice controller sets
@@ -66,51 +66,29 @@
 //! be, as in kube-proxy.
 //!
 //! # Serving
-//! [`serve_health`] and [`crate::observe::metrics::serve_metrics`] run until their
-//! future is dropped (e.g. the task holding it is aborted); dropping it closes
-//! the listener and every open connection. HTTP/1.1 only, at most
-//! [`MAX_CONNECTIONS`] connections per listener (more are closed at once),
-//! [`HEADER_READ_TIMEOUT`] to send a request head. Malformed requests are
-//! answered by hyper (400) or the connection is closed; nothing panics.
+//! This module only answers requests; the listeners, their connection limit
+//! and their lifetime are `observe::http`'s.
 
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use k8s_openapi::api::core::v1::Node;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
 use lb_core::model::HealthCheck;
 
-/// kube-proxy's default `--healthz-bind-address` port (A1).
-pub const DEFAULT_HEALTHZ_PORT: u16 = 10256;
-
-/// kube-proxy's health timeout: twice the default sync period (30 s).
-pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+use super::http::{self, Handler};
 
 /// The taint the cluster autoscaler puts on a node it is about to delete;
 /// such a node is not eligible (kube-proxy `ToBeDeletedTaint`).
-pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
-
-/// Open connections per listener; further ones are closed right away.
-pub const MAX_CONNECTIONS: usize = 1024;
-
-/// Time a client has to send a complete request head.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Go's `http.NotFound` body.
-pub(crate) const NOT_FOUND_BODY: &str = "404 page not found\n";
+const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// Go's zero `time.Time` in RFC 3339, printed when there was no update yet.
 const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
@@ -118,13 +96,13 @@ const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 /// A point in time, as both clocks: the monotonic one for ages, the wall
 /// clock for what is printed. Tests build their own and move them forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Moment {
-    pub wall: SystemTime,
-    pub mono: Instant,
+struct Moment {
+    wall: SystemTime,
+    mono: Instant,
 }
 
 impl Moment {
-    pub fn now() -> Self {
+    fn now() -> Self {
         Self {
             wall: SystemTime::now(),
             mono: Instant::now(),
@@ -132,7 +110,8 @@ impl Moment {
     }
 
     /// This moment plus `d` on both clocks.
-    pub fn after(self, d: Duration) -> Self {
+    #[cfg(test)]
+    fn after(self, d: Duration) -> Self {
         Self {
             wall: self.wall + d,
             mono: self.mono + d,
@@ -157,14 +136,14 @@ pub struct ProxyHealth {
 
 /// Status and body of a `/healthz` or `/livez` answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HealthReply {
-    pub status: StatusCode,
-    pub body: String,
+struct HealthReply {
+    status: StatusCode,
+    body: String,
 }
 
 impl ProxyHealth {
     /// `health_timeout`: how long an update may stay pending before the proxy
-    /// is unhealthy (kube-proxy: 2 x sync period, [`DEFAULT_HEALTH_TIMEOUT`]).
+    /// is unhealthy (kube-proxy: 2 x sync period).
     pub fn new(health_timeout: Duration) -> Arc<Self> {
         Arc::new(Self {
             timeout: health_timeout,
@@ -182,17 +161,14 @@ impl ProxyHealth {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn health_timeout(&self) -> Duration {
-        self.timeout
-    }
-
     /// A change is waiting to be programmed (kube-proxy `QueuedUpdate`).
     pub fn queued_update(&self) {
         self.queued_update_at(Moment::now());
     }
 
     /// [`Self::queued_update`] at `now`: kept only if nothing is pending yet.
-    pub fn queued_update_at(&self, now: Moment) {
+    /// (Time is a parameter so that tests need not sleep.)
+    fn queued_update_at(&self, now: Moment) {
         let mut st = self.lock();
         if st.oldest_pending.is_none() {
             st.oldest_pending = Some(now);
@@ -205,7 +181,7 @@ impl ProxyHealth {
     }
 
     /// [`Self::updated`] at `now`.
-    pub fn updated_at(&self, now: Moment) {
+    fn updated_at(&self, now: Moment) {
         let mut st = self.lock();
         st.oldest_pending = None;
         st.last_updated = Some(now);
@@ -213,22 +189,23 @@ impl ProxyHealth {
 
     /// False while this node is being deleted: `/healthz` answers 503,
     /// `/livez` and the health-check node ports are unaffected.
-    pub fn set_node_eligible(&self, eligible: bool) {
+    fn set_node_eligible(&self, eligible: bool) {
         self.lock().node_eligible = eligible;
     }
 
-    pub fn node_eligible(&self) -> bool {
+    #[cfg(test)]
+    fn node_eligible(&self) -> bool {
         self.lock().node_eligible
     }
 
     /// kube-proxy `SyncNode`: the node is eligible unless it has a deletion
-    /// timestamp or the [`TO_BE_DELETED_TAINT`] taint.
+    /// timestamp or the `ToBeDeletedByClusterAutoscaler` taint.
     pub fn sync_node(&self, node: &Node) {
         self.set_node_eligible(node_eligible(node));
     }
 
     /// The proxy's own health, ignoring the node (kube-proxy `IsHealthy`).
-    pub fn is_healthy(&self, now: Moment) -> bool {
+    fn is_healthy(&self, now: Moment) -> bool {
         self.check(now).0
     }
 
@@ -247,7 +224,7 @@ impl ProxyHealth {
 
     /// The `/healthz` answer at `now`: 200 when healthy and the node is
     /// eligible, else 503.
-    pub fn healthz_body(&self, now: Moment) -> HealthReply {
+    fn healthz_body(&self, now: Moment) -> HealthReply {
         let (healthy, last_updated, eligible) = self.check(now);
         let ok = healthy && eligible;
         let last = if ok { Some(now.wall) } else { last_updated };
@@ -264,7 +241,7 @@ impl ProxyHealth {
 
     /// The `/livez` answer at `now`: 200 when healthy, else 503 (the node's
     /// eligibility does not matter).
-    pub fn livez_body(&self, now: Moment) -> HealthReply {
+    fn livez_body(&self, now: Moment) -> HealthReply {
         let (healthy, last_updated, _) = self.check(now);
         let last = if healthy {
             Some(now.wall)
@@ -283,7 +260,7 @@ impl ProxyHealth {
 }
 
 /// kube-proxy's node eligibility rule (see [`ProxyHealth::sync_node`]).
-pub fn node_eligible(node: &Node) -> bool {
+fn node_eligible(node: &Node) -> bool {
     if node.metadata.deletion_timestamp.is_some() {
         return false;
     }
@@ -310,61 +287,26 @@ fn rfc3339(t: Option<SystemTime>) -> String {
         .unwrap_or_else(|| ZERO_TIME.to_string())
 }
 
-fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    h.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
-    resp
-}
-
-/// A `text/plain; charset=utf-8` answer with `X-Content-Type-Options: nosniff`
-/// (what Go's `http.Error` and kube-proxy's plain handlers send).
-pub(crate) fn plain_response(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    h.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
-    resp
-}
-
 /// Answers one request to the proxy health server: `/healthz`, `/livez`
 /// (any method, query ignored), 404 otherwise.
-pub fn health_response<B>(
-    health: &ProxyHealth,
-    req: &Request<B>,
-    now: Moment,
-) -> Response<Full<Bytes>> {
+fn health_response(health: &ProxyHealth, req: &Request<()>, now: Moment) -> Response<Full<Bytes>> {
     let reply = match req.uri().path() {
         "/healthz" => health.healthz_body(now),
         "/livez" => health.livez_body(now),
-        _ => return plain_response(StatusCode::NOT_FOUND, NOT_FOUND_BODY),
+        _ => return http::not_found(),
     };
-    json_response(reply.status, reply.body)
+    http::json(reply.status, reply.body)
 }
 
-/// Serves [`health_response`] on `listener` (A1) until the returned future
-/// is dropped; never returns on its own.
+/// Serves `/healthz` and `/livez` (A1) on `listener` until the returned
+/// future is dropped; never returns on its own.
 pub async fn serve_health(listener: TcpListener, health: Arc<ProxyHealth>) {
-    serve_http(listener, "healthz", move |req| {
-        health_response(&health, req, Moment::now())
-    })
-    .await
+    let handler: Handler = Arc::new(move |req| health_response(&health, req, Moment::now()));
+    http::serve(listener, "healthz", handler).await
 }
 
 /// The body a health-check node port answers with (kube-proxy's bytes).
-pub fn service_health_body(
+fn service_health_body(
     namespace: &str,
     name: &str,
     local_endpoints: usize,
@@ -384,13 +326,13 @@ pub fn service_health_body(
 
 /// The answer of a health-check node port (H1), for any request: 200 when
 /// `local_endpoints > 0 && proxy_healthy`, else 503.
-pub fn service_health_response(
+fn service_health_response(
     namespace: &str,
     name: &str,
     local_endpoints: usize,
     proxy_healthy: bool,
 ) -> Response<Full<Bytes>> {
-    json_response(
+    http::json(
         status(local_endpoints > 0 && proxy_healthy),
         service_health_body(namespace, name, local_endpoints, proxy_healthy),
     )
@@ -542,7 +484,8 @@ impl ServiceHealthServers {
     }
 
     /// The ports currently listened on.
-    pub async fn ports(&self) -> Vec<u16> {
+    #[cfg(test)]
+    async fn ports(&self) -> Vec<u16> {
         self.servers.lock().await.keys().copied().collect()
     }
 
@@ -566,70 +509,25 @@ impl ServiceHealthServers {
             }
         }
         let state = Arc::new(Mutex::new(state));
+        let handler: Handler = {
+            let state = state.clone();
+            let health = self.health.clone();
+            // Any path, any method (kube-proxy's handler ignores the request).
+            Arc::new(move |_req| {
+                let s = state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                service_health_response(
+                    &s.namespace,
+                    &s.name,
+                    s.local_endpoints,
+                    health.is_healthy(Moment::now()),
+                )
+            })
+        };
         let tasks = listeners
             .into_iter()
-            .map(|l| {
-                let state = state.clone();
-                let health = self.health.clone();
-                tokio::spawn(serve_http(l, "health check node port", move |_req| {
-                    let s = state.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    service_health_response(
-                        &s.namespace,
-                        &s.name,
-                        s.local_endpoints,
-                        health.is_healthy(Moment::now()),
-                    )
-                }))
-            })
+            .map(|l| tokio::spawn(http::serve(l, "health check node port", handler.clone())))
             .collect();
         Ok(PortServer { state, tasks })
-    }
-}
-
-/// Accepts connections on `listener` and answers each request with
-/// `handler`, until dropped (which also ends every connection it serves).
-pub(crate) async fn serve_http<H>(listener: TcpListener, what: &'static str, handler: H)
-where
-    H: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
-{
-    let handler = Arc::new(handler);
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            // Reap finished connections.
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // E.g. EMFILE: back off instead of spinning.
-                        tracing::warn!(server = what, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    tracing::debug!(server = what, %peer, "too many connections; closing");
-                    continue;
-                };
-                let handler = handler.clone();
-                conns.spawn(async move {
-                    let _permit = permit;
-                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let resp = handler(&req);
-                        async move { Ok::<_, Infallible>(resp) }
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(HEADER_READ_TIMEOUT)
-                        .serve_connection(TokioIo::new(stream), svc);
-                    if let Err(e) = conn.await {
-                        tracing::debug!(server = what, %peer, error = %e, "connection ended with an error");
-                    }
-                });
-            }
-        }
     }
 }
 

@@ -1,104 +1,88 @@
-//! The agent's Prometheus metrics (SEMANTICS A2, A3) and the metrics HTTP
-//! server (`127.0.0.1:10249` by default, like kube-proxy's
-//! `--metrics-bind-address`).
+//! The agent's Prometheus metrics (SEMANTICS A2, A3) and the handler of its
+//! metrics server (`--metrics-bind-address`, `127.0.0.1:10249` by default
+//! like kube-proxy's).
 //!
-//! [`Metrics`] holds every value behind one mutex: it is written a few times
-//! per sync and read once per scrape, so contention does not matter, and one
-//! lock gives each scrape a consistent view. [`Metrics::render`] writes the
-//! Prometheus text exposition format 0.0.4 with a small hand-written encoder
-//! (no metrics crate).
+//! Names, types, help texts and histogram buckets of the `kubeproxy_*`
+//! metrics are kube-proxy's (pkg/proxy/metrics), so existing dashboards and
+//! alerts keep working. kube-proxy registers them through
+//! k8s.io/component-base, which prefixes the help text with the stability
+//! level (`[ALPHA] `); that prefix is reproduced. The `lb_*` metrics are lb's
+//! own.
 //!
-//! Names, help texts and histogram buckets of the `kubeproxy_*` metrics are
-//! kube-proxy's (pkg/proxy/metrics), so existing dashboards and alerts keep
-//! working. kube-proxy registers them through k8s.io/component-base, which
-//! prefixes the help text with the stability level (`[ALPHA] `); that prefix
-//! is reproduced. The `lb_*` metrics are lb's own.
+//! # Encoding
+//! prometheus-client writes the exposition, in the Prometheus text format
+//! 0.0.4 (`encoding::prometheus_text`), which is what kube-proxy serves; the
+//! crate's default OpenMetrics encoder would end with `# EOF`, TYPE counters
+//! without their `_total` and print `le="1.0"` where Go prints `le="1"`
+//! (another series for Prometheus). Counters are described *without* the
+//! `_total` suffix: the encoder appends it to HELP, TYPE and samples.
 //!
-//! The HTTP side ([`serve_metrics`], [`metrics_response`]) answers like
-//! kube-proxy's metrics server: `/metrics`, `/proxyMode` (the mode name,
-//! `ebpf`) and the generic `/healthz` (`ok`) that kube-proxy also installs on
-//! that server; any other path is 404.
+//! [`Metrics`] keeps plain values behind one mutex and hands them to the
+//! encoder through one `Collector` instead of registering live metric
+//! objects, because:
+//! - a scrape reads everything under one lock, so it sees one consistent
+//!   state (the sync histogram's count and the last-sync timestamp agree);
+//!   writes happen a few times per sync and reads once per scrape, so
+//!   contention does not matter;
+//! - `Registry::register` appends a full stop to help texts, which would
+//!   change kube-proxy's; a collector's descriptors are written as given;
+//! - series come out in a stable order, sorted by label value (datapath
+//!   reasons in the datapath's order); `Family` is a hash map whose order
+//!   changes from scrape to scrape;
+//! - the datapath counters are absolute values read from the kernel, which
+//!   `ConstCounter` expresses and an add-only `Counter` does not.
+//!
+//! The histograms are prometheus-client's. Labelled families without series
+//! are left out, as client_golang does for a vector without children.
+//!
+//! # HTTP
+//! [`serve_metrics`] answers like kube-proxy's metrics server: `/metrics`,
+//! `/proxyMode` (the mode name, `ebpf`) and the generic `/healthz` (`ok`)
+//! that kube-proxy also installs on that server; any other path is 404.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use lb_common::{StatReason, STAT_COUNT};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    prometheus_text, DescriptorEncoder, EncodeLabelSet, EncodeMetric,
+};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, linear_buckets, Histogram};
+use prometheus_client::metrics::TypedMetric;
+use prometheus_client::registry::Registry;
 
-use super::health::{plain_response, serve_http, NOT_FOUND_BODY};
+use super::http::{self, Handler};
 
-/// What `/proxyMode` prints and `lb_agent_info{mode}` carries.
-pub const PROXY_MODE: &str = "ebpf";
-
-/// kube-proxy's default metrics port (A2).
-pub const DEFAULT_METRICS_PORT: u16 = 10249;
-
-/// Content type of the Prometheus text format 0.0.4.
-pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// What `/proxyMode` prints and `lb_agent_info{mode}` carries by default.
+const PROXY_MODE: &str = "ebpf";
 
 /// kube-proxy's `SyncProxyRulesLatency` buckets: `ExponentialBuckets(0.001, 2, 15)`
 /// (1 ms .. 16.384 s).
-pub fn sync_proxy_rules_buckets() -> Vec<f64> {
-    // Same computation as Go's ExponentialBuckets (repeated multiplication).
-    let mut out = Vec::with_capacity(15);
-    let mut b = 0.001_f64;
-    for _ in 0..15 {
-        out.push(b);
-        b *= 2.0;
-    }
-    out
+fn sync_proxy_rules_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.001, 2.0, 15)
 }
 
 /// kube-proxy's `NetworkProgrammingLatency` buckets:
 /// `merge(LinearBuckets(0.25, 0.25, 2), LinearBuckets(1, 1, 59),
 /// LinearBuckets(60, 5, 12), LinearBuckets(120, 30, 7))`
 /// (0.25 s, 0.5 s, 1..59 s, 60..115 s, 120..300 s; 80 buckets).
-pub fn network_programming_buckets() -> Vec<f64> {
-    let linear =
-        |start: f64, width: f64, count: usize| (0..count).map(move |i| start + width * i as f64);
-    linear(0.25, 0.25, 2)
-        .chain(linear(1.0, 1.0, 59))
-        .chain(linear(60.0, 5.0, 12))
-        .chain(linear(120.0, 30.0, 7))
-        .collect()
+fn network_programming_buckets() -> impl Iterator<Item = f64> {
+    linear_buckets(0.25, 0.25, 2)
+        .chain(linear_buckets(1.0, 1.0, 59))
+        .chain(linear_buckets(60.0, 5.0, 12))
+        .chain(linear_buckets(120.0, 30.0, 7))
 }
 
-/// A Prometheus histogram (upper bounds inclusive, like client_golang).
-#[derive(Clone, Debug)]
-struct Histogram {
-    bounds: Vec<f64>,
-    /// Per bucket, not cumulative; one more than `bounds` (the +Inf bucket).
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn new(bounds: Vec<f64>) -> Self {
-        let n = bounds.len();
-        Self {
-            bounds,
-            counts: vec![0; n + 1],
-            sum: 0.0,
-            count: 0,
-        }
-    }
-
-    fn observe(&mut self, v: f64) {
-        // First bucket whose upper bound is >= v (le is inclusive).
-        let i = self.bounds.partition_point(|b| *b < v);
-        self.counts[i] += 1;
-        self.sum += v;
-        self.count += 1;
-    }
-}
-
-struct Inner {
+#[derive(Debug)]
+struct State {
     sync_duration: Histogram,
     network_programming: Histogram,
     last_sync_timestamp: f64,
@@ -114,43 +98,48 @@ struct Inner {
     info_version: String,
     info_mode: String,
     attached: BTreeMap<String, u64>,
-    service_packets: BTreeMap<String, u64>,
+}
+
+/// Never panics: a panic while holding the lock leaves plain numbers
+/// behind, which are still fine to read and write.
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The agent's metrics. Cheap to update from any thread.
 pub struct Metrics {
-    inner: Mutex<Inner>,
+    state: Arc<Mutex<State>>,
+    /// Holds one [`StateCollector`] over `state`.
+    registry: Registry,
 }
 
 impl Metrics {
     /// All counters at zero; `lb_agent_info{version=<crate version>, mode="ebpf"}`.
     pub fn new() -> Arc<Self> {
-        Arc::new(Self {
-            inner: Mutex::new(Inner {
-                sync_duration: Histogram::new(sync_proxy_rules_buckets()),
-                network_programming: Histogram::new(network_programming_buckets()),
-                last_sync_timestamp: 0.0,
-                last_queued_timestamp: 0.0,
-                service_changes: 0,
-                endpoint_changes: 0,
-                map_entries: BTreeMap::new(),
-                map_capacity: BTreeMap::new(),
-                conntrack_entries: 0,
-                datapath: [0; STAT_COUNT as usize],
-                rejected: BTreeMap::new(),
-                apiserver_connected: false,
-                info_version: env!("CARGO_PKG_VERSION").to_string(),
-                info_mode: PROXY_MODE.to_string(),
-                attached: BTreeMap::new(),
-                service_packets: BTreeMap::new(),
-            }),
-        })
+        let state = Arc::new(Mutex::new(State {
+            sync_duration: Histogram::new(sync_proxy_rules_buckets()),
+            network_programming: Histogram::new(network_programming_buckets()),
+            last_sync_timestamp: 0.0,
+            last_queued_timestamp: 0.0,
+            service_changes: 0,
+            endpoint_changes: 0,
+            map_entries: BTreeMap::new(),
+            map_capacity: BTreeMap::new(),
+            conntrack_entries: 0,
+            datapath: [0; STAT_COUNT as usize],
+            rejected: BTreeMap::new(),
+            apiserver_connected: false,
+            info_version: env!("CARGO_PKG_VERSION").to_string(),
+            info_mode: PROXY_MODE.to_string(),
+            attached: BTreeMap::new(),
+        }));
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(StateCollector(state.clone())));
+        Arc::new(Self { state, registry })
     }
 
-    /// Never panics: a panic while holding the lock leaves plain numbers
-    /// behind, which are still fine to read and write.
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
     }
 
     /// A sync of the datapath finished successfully after `d`:
@@ -160,8 +149,9 @@ impl Metrics {
         self.observe_sync_at(d, SystemTime::now());
     }
 
-    /// [`Self::observe_sync`] with an explicit wall-clock time.
-    pub fn observe_sync_at(&self, d: Duration, now: SystemTime) {
+    /// [`Self::observe_sync`] with the wall-clock time as a parameter, so
+    /// that tests can check the timestamp.
+    fn observe_sync_at(&self, d: Duration, now: SystemTime) {
         let mut m = self.lock();
         m.sync_duration.observe(d.as_secs_f64());
         m.last_sync_timestamp = unix_seconds(now);
@@ -185,7 +175,8 @@ impl Metrics {
         m.endpoint_changes = m.endpoint_changes.saturating_add(n);
     }
 
-    /// `kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds`.
+    /// `kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds`: a change
+    /// was queued for the datapath at `t`.
     pub fn set_last_queued(&self, t: SystemTime) {
         self.lock().last_queued_timestamp = unix_seconds(t);
     }
@@ -227,7 +218,7 @@ impl Metrics {
     }
 
     /// Replaces the labels of `lb_agent_info` (default: this crate's version
-    /// and [`PROXY_MODE`]).
+    /// and `ebpf`).
     pub fn set_agent_info(&self, version: &str, mode: &str) {
         let mut m = self.lock();
         m.info_version = version.to_string();
@@ -239,136 +230,15 @@ impl Metrics {
         self.lock().attached.insert(role.to_string(), n);
     }
 
-    /// `lb_service_packets_total{service}`: replaces the whole set (services
-    /// not listed disappear). Absolute values.
-    pub fn set_service_packets(&self, packets: &[(String, u64)]) {
-        let mut m = self.lock();
-        m.service_packets = packets.iter().cloned().collect();
-    }
-
     /// The Prometheus text format (0.0.4) of every metric.
     pub fn render(&self) -> String {
-        let m = self.lock();
-        let mut e = Encoder::default();
-
-        // ---- kube-proxy's (pkg/proxy/metrics), same names and buckets ----
-        e.histogram(
-            "kubeproxy_sync_proxy_rules_duration_seconds",
-            "[ALPHA] SyncProxyRules latency in seconds",
-            &m.sync_duration,
-        );
-        e.histogram(
-            "kubeproxy_network_programming_duration_seconds",
-            "[ALPHA] In Cluster Network Programming Latency in seconds",
-            &m.network_programming,
-        );
-        e.single(
-            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-            "[ALPHA] The last time proxy rules were successfully synced",
-            "gauge",
-            Value::F(m.last_sync_timestamp),
-        );
-        e.single(
-            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
-            "[ALPHA] The last time a sync of proxy rules was queued",
-            "gauge",
-            Value::F(m.last_queued_timestamp),
-        );
-        e.single(
-            "kubeproxy_sync_proxy_rules_service_changes_total",
-            "[ALPHA] Cumulative proxy rules Service changes",
-            "counter",
-            Value::U(m.service_changes),
-        );
-        e.single(
-            "kubeproxy_sync_proxy_rules_endpoint_changes_total",
-            "[ALPHA] Cumulative proxy rules Endpoint changes",
-            "counter",
-            Value::U(m.endpoint_changes),
-        );
-
-        // ---- lb's own ----
-        e.header(
-            "lb_agent_info",
-            "Always 1; labels carry the agent's version and proxy mode",
-            "gauge",
-        );
-        e.sample(
-            "lb_agent_info",
-            &[("version", &m.info_version), ("mode", &m.info_mode)],
-            Value::U(1),
-        );
-        e.single(
-            "lb_apiserver_connected",
-            "1 while the agent's watches of the API server are connected, else 0",
-            "gauge",
-            Value::U(u64::from(m.apiserver_connected)),
-        );
-        e.labeled(
-            "lb_map_entries",
-            "Entries in a BPF map",
-            "gauge",
-            "map",
-            &m.map_entries,
-        );
-        e.labeled(
-            "lb_map_capacity",
-            "Maximum entries of a BPF map",
-            "gauge",
-            "map",
-            &m.map_capacity,
-        );
-        e.single(
-            "lb_conntrack_entries",
-            "Entries in the datapath's conntrack map",
-            "gauge",
-            Value::U(m.conntrack_entries),
-        );
-        let packets: BTreeMap<String, u64> = StatReason::ALL
-            .iter()
-            .map(|r| (r.name().to_string(), m.datapath[*r as usize]))
-            .collect();
-        e.labeled(
-            "lb_datapath_packets_total",
-            "Packets seen by the datapath, by outcome (reason=packets counts every packet)",
-            "counter",
-            "reason",
-            &packets,
-        );
-        let drops: BTreeMap<String, u64> = StatReason::ALL
-            .iter()
-            .filter(|r| r.is_drop())
-            .map(|r| (r.name().to_string(), m.datapath[*r as usize]))
-            .collect();
-        e.labeled(
-            "lb_datapath_drops_total",
-            "Packets dropped by the datapath, by reason",
-            "counter",
-            "reason",
-            &drops,
-        );
-        e.labeled(
-            "lb_rejected_objects_total",
-            "Objects (or parts of objects) rejected as invalid, by kind",
-            "counter",
-            "kind",
-            &m.rejected,
-        );
-        e.labeled(
-            "lb_attached_interfaces",
-            "Interfaces the datapath programs are attached to, by role",
-            "gauge",
-            "role",
-            &m.attached,
-        );
-        e.labeled(
-            "lb_service_packets_total",
-            "Packets translated for a service",
-            "counter",
-            "service",
-            &m.service_packets,
-        );
-        e.out
+        let mut out = String::new();
+        // Writing to a String cannot fail and neither can the collector, so
+        // an error here is a bug in the encoder; serve what was written.
+        if prometheus_text::encode(&mut out, &self.registry).is_err() {
+            tracing::error!("encoding the metrics failed");
+        }
+        out
     }
 }
 
@@ -380,144 +250,186 @@ fn unix_seconds(t: SystemTime) -> f64 {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Value {
-    U(u64),
-    F(f64),
+/// Encodes [`State`] on each scrape (see the module docs for why this is a
+/// collector).
+#[derive(Debug)]
+struct StateCollector(Arc<Mutex<State>>);
+
+impl Collector for StateCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let s = lock(&self.0);
+        let e = &mut enc;
+
+        // ---- kube-proxy's (pkg/proxy/metrics), same names and buckets ----
+        single(
+            e,
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "[ALPHA] SyncProxyRules latency in seconds",
+            &s.sync_duration,
+        )?;
+        single(
+            e,
+            "kubeproxy_network_programming_duration_seconds",
+            "[ALPHA] In Cluster Network Programming Latency in seconds",
+            &s.network_programming,
+        )?;
+        single(
+            e,
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "[ALPHA] The last time proxy rules were successfully synced",
+            &ConstGauge::new(s.last_sync_timestamp),
+        )?;
+        single(
+            e,
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "[ALPHA] The last time a sync of proxy rules was queued",
+            &ConstGauge::new(s.last_queued_timestamp),
+        )?;
+        // Counter names without `_total`, see the module docs.
+        single(
+            e,
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "[ALPHA] Cumulative proxy rules Service changes",
+            &ConstCounter::new(s.service_changes),
+        )?;
+        single(
+            e,
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "[ALPHA] Cumulative proxy rules Endpoint changes",
+            &ConstCounter::new(s.endpoint_changes),
+        )?;
+
+        // ---- lb's own ----
+        family(
+            e,
+            "lb_agent_info",
+            "Always 1; labels carry the agent's version and proxy mode",
+            [(
+                [
+                    ("version", s.info_version.as_str()),
+                    ("mode", s.info_mode.as_str()),
+                ],
+                ConstGauge::new(1u64),
+            )],
+        )?;
+        single(
+            e,
+            "lb_apiserver_connected",
+            "1 while the agent's watches of the API server are connected, else 0",
+            &ConstGauge::new(u64::from(s.apiserver_connected)),
+        )?;
+        family(
+            e,
+            "lb_map_entries",
+            "Entries in a BPF map",
+            labelled("map", &s.map_entries, ConstGauge::new),
+        )?;
+        family(
+            e,
+            "lb_map_capacity",
+            "Maximum entries of a BPF map",
+            labelled("map", &s.map_capacity, ConstGauge::new),
+        )?;
+        single(
+            e,
+            "lb_conntrack_entries",
+            "Entries in the datapath's conntrack map",
+            &ConstGauge::new(s.conntrack_entries),
+        )?;
+        let reason = |r: &StatReason| {
+            (
+                [("reason", r.name())],
+                ConstCounter::new(s.datapath[*r as usize]),
+            )
+        };
+        family(
+            e,
+            "lb_datapath_packets",
+            "Packets seen by the datapath, by outcome (reason=packets counts every packet)",
+            StatReason::ALL.iter().map(reason),
+        )?;
+        family(
+            e,
+            "lb_datapath_drops",
+            "Packets dropped by the datapath, by reason",
+            StatReason::ALL.iter().filter(|r| r.is_drop()).map(reason),
+        )?;
+        family(
+            e,
+            "lb_rejected_objects",
+            "Objects (or parts of objects) rejected as invalid, by kind",
+            labelled("kind", &s.rejected, ConstCounter::new),
+        )?;
+        family(
+            e,
+            "lb_attached_interfaces",
+            "Interfaces the datapath programs are attached to, by role",
+            labelled("role", &s.attached, ConstGauge::new),
+        )
+    }
 }
 
-/// Writes the text exposition format.
-#[derive(Default)]
-struct Encoder {
-    out: String,
+/// One family with one unlabelled series.
+fn single<M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: &M,
+) -> fmt::Result {
+    metric.encode(enc.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
-impl Encoder {
-    fn header(&mut self, name: &str, help: &str, kind: &str) {
-        let _ = writeln!(self.out, "# HELP {name} {}", escape_help(help));
-        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+/// One family with a series per label set; left out when `series` is empty.
+fn family<L: EncodeLabelSet, M: EncodeMetric + TypedMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (L, M)>,
+) -> fmt::Result {
+    let mut series = series.into_iter().peekable();
+    if series.peek().is_none() {
+        return Ok(());
     }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], v: Value) {
-        self.out.push_str(name);
-        if !labels.is_empty() {
-            self.out.push('{');
-            for (i, (k, val)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.out.push(',');
-                }
-                let _ = write!(self.out, "{k}=\"{}\"", escape_label_value(val));
-            }
-            self.out.push('}');
-        }
-        self.out.push(' ');
-        match v {
-            Value::U(u) => {
-                let _ = write!(self.out, "{u}");
-            }
-            Value::F(f) => self.out.push_str(&format_float(f)),
-        }
-        self.out.push('\n');
+    let mut family = enc.encode_descriptor(name, help, None, M::TYPE)?;
+    for (labels, metric) in series {
+        metric.encode(family.encode_family(&labels)?)?;
     }
-
-    fn single(&mut self, name: &str, help: &str, kind: &str, v: Value) {
-        self.header(name, help, kind);
-        self.sample(name, &[], v);
-    }
-
-    /// A family with one label; omitted entirely while it has no series
-    /// (as client_golang does for a vector without children).
-    fn labeled(
-        &mut self,
-        name: &str,
-        help: &str,
-        kind: &str,
-        label: &str,
-        series: &BTreeMap<String, u64>,
-    ) {
-        if series.is_empty() {
-            return;
-        }
-        self.header(name, help, kind);
-        for (k, v) in series {
-            self.sample(name, &[(label, k)], Value::U(*v));
-        }
-    }
-
-    fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
-        self.header(name, help, "histogram");
-        let bucket = format!("{name}_bucket");
-        let mut cumulative = 0u64;
-        for (i, b) in h.bounds.iter().enumerate() {
-            cumulative += h.counts[i];
-            self.sample(&bucket, &[("le", &format_float(*b))], Value::U(cumulative));
-        }
-        self.sample(&bucket, &[("le", "+Inf")], Value::U(h.count));
-        self.sample(&format!("{name}_sum"), &[], Value::F(h.sum));
-        self.sample(&format!("{name}_count"), &[], Value::U(h.count));
-    }
+    Ok(())
 }
 
-/// Floats as Prometheus writes them: shortest round-trip form, `+Inf`,
-/// `-Inf`, `NaN`.
-fn format_float(f: f64) -> String {
-    if f.is_nan() {
-        "NaN".into()
-    } else if f == f64::INFINITY {
-        "+Inf".into()
-    } else if f == f64::NEG_INFINITY {
-        "-Inf".into()
-    } else {
-        format!("{f}")
-    }
-}
-
-/// Label values: backslash, double quote and line feed are escaped.
-fn escape_label_value(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// HELP text: backslash and line feed are escaped.
-fn escape_help(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('\n', "\\n")
+/// The series of a map keyed by the value of the one label `key`.
+fn labelled<'a, M>(
+    key: &'static str,
+    values: &'a BTreeMap<String, u64>,
+    metric: impl Fn(u64) -> M + 'a,
+) -> impl Iterator<Item = ([(&'static str, &'a str); 1], M)> + 'a {
+    values
+        .iter()
+        .map(move |(k, v)| ([(key, k.as_str())], metric(*v)))
 }
 
 /// Answers one request to the metrics server (any method, like Go's mux):
 /// `/metrics`, `/proxyMode`, `/healthz`; 404 otherwise.
-pub fn metrics_response<B>(metrics: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
+fn metrics_response(metrics: &Metrics, req: &Request<()>) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/metrics" => {
-            let mut resp = Response::new(Full::new(Bytes::from(metrics.render())));
-            resp.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static(PROMETHEUS_CONTENT_TYPE),
-            );
-            resp
-        }
+        "/metrics" => http::response(
+            StatusCode::OK,
+            prometheus_text::CONTENT_TYPE,
+            metrics.render(),
+        ),
         // kube-proxy: fmt.Fprintf(w, "%s", proxyMode), no newline.
-        "/proxyMode" => plain_response(StatusCode::OK, PROXY_MODE),
+        "/proxyMode" => http::plain(StatusCode::OK, PROXY_MODE),
         // k8s.io/apiserver healthz.InstallHandler with no checks.
-        "/healthz" => plain_response(StatusCode::OK, "ok"),
-        _ => plain_response(StatusCode::NOT_FOUND, NOT_FOUND_BODY),
+        "/healthz" => http::plain(StatusCode::OK, "ok"),
+        _ => http::not_found(),
     }
 }
 
-/// Serves [`metrics_response`] on `listener` until the returned future is
-/// dropped (dropping it also closes every open connection). Never returns.
+/// Serves `/metrics`, `/proxyMode` and `/healthz` (A2) on `listener` until
+/// the returned future is dropped; never returns on its own.
 pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
-    serve_http(listener, "metrics", move |req| {
-        metrics_response(&metrics, req)
-    })
-    .await
+    let handler: Handler = Arc::new(move |req| metrics_response(&metrics, req));
+    http::serve(listener, "metrics", handler).await
 }
 
 #[cfg(test)]

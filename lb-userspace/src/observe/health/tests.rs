@@ -3,13 +3,16 @@
 //! (`in_private_netns`), never in the root one.
 
 use super::*;
-use crate::observe::test_support::{get, read_response};
+use crate::observe::test_support::{
+    assert_refused, connect, get, get_once, in_private_netns, is_closed, read_response, request,
+    runtime,
+};
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::UNIX_EPOCH;
 
-use hyper::header::HeaderMap;
+use hyper::header::{HeaderMap, CONTENT_TYPE};
 use k8s_openapi::api::core::v1::{NodeSpec, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
@@ -271,145 +274,6 @@ fn h1_body_escapes_odd_names() {
 
 // ---- Real listeners, inside a private network namespace ---------------------------
 
-/// Runs `f` on a new thread inside a fresh network namespace (only `lo`, up).
-/// Needs root; without it the test is skipped, or fails when
-/// `LB_REQUIRE_PRIVILEGED=1`.
-fn in_private_netns(test: &str, f: impl FnOnce() + Send + 'static) {
-    let required = std::env::var("LB_REQUIRE_PRIVILEGED").as_deref() == Ok("1");
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(!required, "{test}: needs root (LB_REQUIRE_PRIVILEGED=1)");
-        eprintln!("SKIPPED {test}: needs root to create a network namespace");
-        return;
-    }
-    let test = test.to_string();
-    let res = std::thread::spawn(move || {
-        let before = std::fs::metadata("/proc/thread-self/ns/net").map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            m.ino()
-        });
-        // SAFETY: unshare only changes this thread's namespaces.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            let e = std::io::Error::last_os_error();
-            assert!(!required, "{test}: unshare(CLONE_NEWNET): {e}");
-            eprintln!("SKIPPED {test}: unshare(CLONE_NEWNET): {e}");
-            return;
-        }
-        let after = std::fs::metadata("/proc/thread-self/ns/net").map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            m.ino()
-        });
-        assert!(
-            before.is_ok() && after.is_ok() && before.ok() != after.ok(),
-            "{test}: not in a new network namespace"
-        );
-        // Children of this thread (the `ip` process, runtime threads,
-        // client threads) inherit the namespace.
-        let st = std::process::Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status()
-            .expect("run ip");
-        assert!(st.success(), "ip link set lo up: {st}");
-        f();
-    })
-    .join();
-    if let Err(p) = res {
-        std::panic::resume_unwind(p);
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-fn connect(port: u16) -> std::io::Result<TcpStream> {
-    let s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.set_write_timeout(Some(Duration::from_secs(10)))?;
-    Ok(s)
-}
-
-/// One HTTP/1.1 request on `stream` (kept alive); reads exactly one answer.
-fn request(stream: &mut TcpStream, path: &str) -> Answer {
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").expect("write request");
-    let mut r = BufReader::new(stream);
-    let mut line = String::new();
-    r.read_line(&mut line).expect("status line");
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {line:?}"));
-    let mut headers = Vec::new();
-    loop {
-        let mut l = String::new();
-        r.read_line(&mut l).expect("header line");
-        let l = l.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        let (k, v) = l.split_once(':').expect("header");
-        headers.push((k.trim().to_string(), v.trim().to_string()));
-    }
-    let len: usize = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.parse().ok())
-        .expect("content-length");
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).expect("body");
-    Answer {
-        status,
-        headers,
-        body: String::from_utf8(body).expect("utf-8"),
-    }
-}
-
-/// Asserts that `port` refuses connections, allowing a short grace period:
-/// our listener is closed when `sync` returns (or the serving task is gone),
-/// but a process forked by another test at that moment may hold a copy of
-/// the descriptor until it execs (sockets are close-on-exec).
-fn assert_refused(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match TcpStream::connect(("127.0.0.1", port)) {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
-            Err(e) => panic!("connect :{port}: unexpected error {e}"),
-            Ok(_) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "port {port} still accepts connections"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
-
-fn get_once(port: u16, path: &str) -> Answer {
-    let mut s = connect(port).unwrap_or_else(|e| panic!("connect :{port}: {e}"));
-    request(&mut s, path)
-}
-
 fn check(ns: &str, name: &str, port: u16, n: usize) -> HealthCheck {
     HealthCheck {
         namespace: ns.into(),
@@ -515,12 +379,7 @@ fn h1_health_check_node_ports_open_update_in_place_and_close_in_netns() {
             assert!(errs.is_empty(), "{errs:?}");
             assert_eq!(rt.block_on(servers.ports()), vec![31001]);
             assert_refused(31000);
-            let mut buf = [0u8; 1];
-            let _ = write!(conn, "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
-            assert!(
-                matches!(conn.read(&mut buf), Ok(0) | Err(_)),
-                "open connection must be closed"
-            );
+            assert!(is_closed(&mut conn), "open connection must be closed");
             assert_eq!(get_once(31001, "/").status, 200);
 
             // Dropping the servers closes everything (asynchronously: the
@@ -549,6 +408,9 @@ fn h1_explicit_bind_address_in_netns() {
 
 #[test]
 fn a1_serve_health_and_metrics_in_netns() {
+    // kube-proxy's default ports (lb-agent's defaults too).
+    const DEFAULT_HEALTHZ_PORT: u16 = 10256;
+    const DEFAULT_METRICS_PORT: u16 = 10249;
     in_private_netns("a1_serve_health_and_metrics_in_netns", || {
         let rt = runtime();
         let health = ProxyHealth::new(TIMEOUT);
@@ -558,7 +420,7 @@ fn a1_serve_health_and_metrics_in_netns() {
                 TcpListener::bind(("0.0.0.0", DEFAULT_HEALTHZ_PORT))
                     .await
                     .expect("bind healthz"),
-                TcpListener::bind(("127.0.0.1", crate::observe::metrics::DEFAULT_METRICS_PORT))
+                TcpListener::bind(("127.0.0.1", DEFAULT_METRICS_PORT))
                     .await
                     .expect("bind metrics"),
             )
@@ -604,16 +466,16 @@ fn a1_serve_health_and_metrics_in_netns() {
         }
 
         metrics.observe_sync(Duration::from_millis(3));
-        let a = get_once(crate::observe::metrics::DEFAULT_METRICS_PORT, "/metrics");
+        let a = get_once(DEFAULT_METRICS_PORT, "/metrics");
         assert_eq!(a.status, 200);
         assert_eq!(
             a.header("content-type"),
-            Some(crate::observe::metrics::PROMETHEUS_CONTENT_TYPE)
+            Some("text/plain; version=0.0.4; charset=utf-8")
         );
         assert!(a
             .body
             .contains("kubeproxy_sync_proxy_rules_duration_seconds_count 1\n"));
-        let a = get_once(crate::observe::metrics::DEFAULT_METRICS_PORT, "/proxyMode");
+        let a = get_once(DEFAULT_METRICS_PORT, "/proxyMode");
         assert_eq!(a.status, 200);
         assert_eq!(a.body, "ebpf");
 
@@ -623,6 +485,6 @@ fn a1_serve_health_and_metrics_in_netns() {
         let _ = rt.block_on(hs);
         let _ = rt.block_on(ms);
         assert_refused(DEFAULT_HEALTHZ_PORT);
-        assert_refused(crate::observe::metrics::DEFAULT_METRICS_PORT);
+        assert_refused(DEFAULT_METRICS_PORT);
     });
 }

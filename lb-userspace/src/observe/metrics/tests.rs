@@ -1,6 +1,8 @@
 use super::*;
 use crate::observe::test_support::{get, read_response};
 
+use hyper::header::CONTENT_TYPE;
+
 /// A sample line split into (name, labels as written, value).
 fn parse_sample(line: &str) -> (String, Vec<(String, String)>, String) {
     let (head, value) = line.rsplit_once(' ').expect("value");
@@ -40,13 +42,17 @@ fn parse_sample(line: &str) -> (String, Vec<(String, String)>, String) {
     (name, labels, value.to_string())
 }
 
-/// Checks the whole exposition: every family has HELP then TYPE, every
-/// sample belongs to the last TYPE'd family, values parse.
+/// Checks the whole exposition against the Prometheus text format 0.0.4:
+/// every family has HELP then TYPE, every sample belongs to the last TYPE'd
+/// family, values parse, no OpenMetrics-only lines.
 fn validate(text: &str) -> BTreeMap<String, String> {
     let mut types = BTreeMap::new();
     let mut current: Option<(String, String)> = None;
     let mut pending_help: Option<String> = None;
     assert!(text.ends_with('\n'));
+    assert!(!text.contains("# EOF"), "OpenMetrics, not 0.0.4");
+    assert!(!text.contains("# UNIT"), "OpenMetrics, not 0.0.4");
+    assert!(!text.contains("_total_total"), "{text}");
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# HELP ") {
             let (name, _) = rest.split_once(' ').expect("help text");
@@ -93,6 +99,15 @@ fn samples(text: &str, name: &str) -> Vec<(Vec<(String, String)>, String)> {
         .filter(|(n, _, _)| n == name)
         .map(|(_, l, v)| (l, v))
         .collect()
+}
+
+/// The value of the unlabelled series `name` as a number (the text of a
+/// float is the encoder's business, e.g. `1` or `1.0`).
+fn float(text: &str, name: &str) -> f64 {
+    value(text, name, &[])
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        .parse()
+        .expect("float")
 }
 
 fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<String> {
@@ -181,16 +196,44 @@ fn a3_every_kube_proxy_metric_with_its_type() {
     );
     // Vectors without series are left out, as client_golang does.
     assert!(!text.contains("lb_rejected_objects_total"));
-    assert!(!text.contains("lb_service_packets_total"));
+    assert!(!text.contains("lb_map_entries"));
+    assert!(!text.contains("lb_attached_interfaces"));
+}
+
+#[test]
+fn a3_help_and_type_lines_are_kube_proxys() {
+    // Exact HELP and TYPE lines: the help text as kube-proxy writes it (no
+    // full stop added), counters described under their `_total` name.
+    let text = Metrics::new().render();
+    for lines in [
+        "# HELP kubeproxy_sync_proxy_rules_duration_seconds [ALPHA] SyncProxyRules latency in seconds\n\
+         # TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram\n",
+        "# HELP kubeproxy_network_programming_duration_seconds [ALPHA] In Cluster Network Programming Latency in seconds\n\
+         # TYPE kubeproxy_network_programming_duration_seconds histogram\n",
+        "# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds [ALPHA] The last time proxy rules were successfully synced\n\
+         # TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge\n",
+        "# HELP kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds [ALPHA] The last time a sync of proxy rules was queued\n\
+         # TYPE kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds gauge\n",
+        "# HELP kubeproxy_sync_proxy_rules_service_changes_total [ALPHA] Cumulative proxy rules Service changes\n\
+         # TYPE kubeproxy_sync_proxy_rules_service_changes_total counter\n\
+         kubeproxy_sync_proxy_rules_service_changes_total 0\n",
+        "# HELP kubeproxy_sync_proxy_rules_endpoint_changes_total [ALPHA] Cumulative proxy rules Endpoint changes\n\
+         # TYPE kubeproxy_sync_proxy_rules_endpoint_changes_total counter\n\
+         kubeproxy_sync_proxy_rules_endpoint_changes_total 0\n",
+    ] {
+        assert!(text.contains(lines), "missing:\n{lines}\nin:\n{text}");
+    }
 }
 
 #[test]
 fn a3_kube_proxy_bucket_layouts() {
-    let b = sync_proxy_rules_buckets();
+    let b: Vec<f64> = sync_proxy_rules_buckets().collect();
     assert_eq!(b.len(), 15);
     assert_eq!(b[0], 0.001);
+    // Go's ExponentialBuckets multiplies repeatedly; same values here.
+    assert!(b.windows(2).all(|w| w[1] == w[0] * 2.0), "{b:?}");
     assert_eq!(b[14], 16.384);
-    let n = network_programming_buckets();
+    let n: Vec<f64> = network_programming_buckets().collect();
     assert_eq!(n.len(), 80);
     assert_eq!(&n[..4], &[0.25, 0.5, 1.0, 2.0]);
     assert_eq!(n[60], 59.0);
@@ -238,13 +281,8 @@ fn a3_sync_histogram_buckets_sum_count_and_timestamp() {
         .expect("float");
     assert!((sum - 20.0045).abs() < 1e-9, "{sum}");
     assert_eq!(
-        value(
-            &text,
-            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-            &[]
-        )
-        .as_deref(),
-        Some("1714557600.5")
+        float(&text, "kubeproxy_sync_proxy_rules_last_timestamp_seconds"),
+        1_714_557_600.5
     );
 
     m.observe_network_programming(Duration::from_millis(750));
@@ -302,13 +340,11 @@ fn a3_change_counters_and_queued_timestamp() {
         Some("7")
     );
     assert_eq!(
-        value(
+        float(
             &text,
-            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
-            &[]
-        )
-        .as_deref(),
-        Some("1714557601")
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds"
+        ),
+        1_714_557_601.0
     );
 }
 
@@ -330,12 +366,9 @@ fn a3_lb_metrics_and_label_escaping() {
     m.inc_rejected_object("Service");
     m.inc_rejected_object("EndpointSlice");
     m.set_apiserver_connected(true);
+    m.inc_rejected_object("we\"ird\\kind\nx");
     m.set_attached_interfaces("uplink", 1);
     m.set_attached_interfaces("pod", 7);
-    m.set_service_packets(&[
-        ("default/web:http".to_string(), 42),
-        ("we\"ird\\ns\nx".to_string(), 1),
-    ]);
     m.set_agent_info("1.2.3", "ebpf");
     let text = m.render();
     let types = validate(&text);
@@ -344,7 +377,6 @@ fn a3_lb_metrics_and_label_escaping() {
         ("lb_map_capacity", "gauge"),
         ("lb_rejected_objects_total", "counter"),
         ("lb_attached_interfaces", "gauge"),
-        ("lb_service_packets_total", "counter"),
     ] {
         assert_eq!(types.get(name).map(String::as_str), Some(kind), "{name}");
     }
@@ -418,23 +450,26 @@ fn a3_lb_metrics_and_label_escaping() {
         .as_deref(),
         Some("1")
     );
+    // Series sorted by label value, whatever the order of the updates.
+    let roles: Vec<String> = samples(&text, "lb_attached_interfaces")
+        .into_iter()
+        .map(|(l, _)| l[0].1.clone())
+        .collect();
+    assert_eq!(roles, ["pod", "uplink"]);
     // Escaping as written on the wire, and round-trip through the parser.
     assert!(
-        text.contains("lb_service_packets_total{service=\"we\\\"ird\\\\ns\\nx\"} 1\n"),
+        text.contains("lb_rejected_objects_total{kind=\"we\\\"ird\\\\kind\\nx\"} 1\n"),
         "{text}"
     );
     assert_eq!(
         value(
             &text,
-            "lb_service_packets_total",
-            &[("service", "we\"ird\\ns\nx")]
+            "lb_rejected_objects_total",
+            &[("kind", "we\"ird\\kind\nx")]
         )
         .as_deref(),
         Some("1")
     );
-    // The set is replaced as a whole.
-    m.set_service_packets(&[]);
-    assert!(!m.render().contains("lb_service_packets_total"));
     m.set_apiserver_connected(false);
     assert_eq!(
         value(&m.render(), "lb_apiserver_connected", &[]).as_deref(),
@@ -448,7 +483,11 @@ fn a2_metrics_endpoint_content_type_and_body() {
     m.add_endpoint_changes(1);
     let (status, headers, body) = read_response(metrics_response(&m, &get("/metrics")));
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(headers[CONTENT_TYPE], PROMETHEUS_CONTENT_TYPE);
+    // The Prometheus text format 0.0.4, as kube-proxy serves it.
+    assert_eq!(
+        headers[CONTENT_TYPE],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
     assert_eq!(body, m.render());
 }
 
@@ -471,10 +510,28 @@ fn a2_proxy_mode_prints_ebpf() {
 
 #[test]
 fn a3_special_floats() {
-    assert_eq!(format_float(f64::INFINITY), "+Inf");
-    assert_eq!(format_float(f64::NEG_INFINITY), "-Inf");
-    assert_eq!(format_float(f64::NAN), "NaN");
-    assert_eq!(format_float(1.0), "1");
-    assert_eq!(format_float(0.25), "0.25");
-    assert_eq!(escape_help("a\\b\nc"), "a\\\\b\\nc");
+    // `le` labels as Go's client writes them (`1`, not `1.0`: another
+    // series for Prometheus), the overflow bucket as `+Inf`.
+    let m = Metrics::new();
+    m.observe_network_programming(Duration::from_secs(1));
+    let text = m.render();
+    let np = "kubeproxy_network_programming_duration_seconds_bucket";
+    for le in [
+        "0.25", "0.5", "1", "2", "59", "60", "115", "120", "300", "+Inf",
+    ] {
+        assert!(
+            value(&text, np, &[("le", le)]).is_some(),
+            "no le={le:?} in\n{text}"
+        );
+    }
+    assert!(!text.contains("le=\"1.0\""), "{text}");
+    assert_eq!(
+        value(
+            &text,
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+            &[("le", "16.384")]
+        )
+        .as_deref(),
+        Some("0")
+    );
 }
