@@ -93,7 +93,7 @@ pub async fn run(settings: Settings, mode: Mode) -> Result<()> {
     let health = ProxyHealth::new(2 * settings.sync_period);
     let (source, events, poll) = match mode {
         Mode::Manifest(path) => {
-            metrics.set_agent_info(env!("CARGO_PKG_VERSION"), "manifest");
+            metrics.set_agent_source("manifest");
             let source = ManifestSource::new(path, settings.node_name.clone());
             (Source::Manifest(source), None, settings.poll_interval)
         }
@@ -101,7 +101,7 @@ pub async fn run(settings: Settings, mode: Mode) -> Result<()> {
             client,
             watch_timeout,
         } => {
-            metrics.set_agent_info(env!("CARGO_PKG_VERSION"), "cluster");
+            metrics.set_agent_source("cluster");
             let events = EventSink::new(client.clone(), &settings.node_name);
             let source = ClusterSource::start(client, &settings.node_name, watch_timeout);
             let poll = settings.poll_interval.max(Duration::from_secs(5));

@@ -97,6 +97,8 @@ struct State {
     apiserver_connected: bool,
     info_version: String,
     info_mode: String,
+    /// Where the desired state comes from: `cluster` or `manifest`.
+    info_source: String,
     attached: BTreeMap<String, u64>,
 }
 
@@ -131,6 +133,7 @@ impl Metrics {
             apiserver_connected: false,
             info_version: env!("CARGO_PKG_VERSION").to_string(),
             info_mode: PROXY_MODE.to_string(),
+            info_source: String::new(),
             attached: BTreeMap::new(),
         }));
         let mut registry = Registry::default();
@@ -217,12 +220,9 @@ impl Metrics {
         self.lock().apiserver_connected = connected;
     }
 
-    /// Replaces the labels of `lb_agent_info` (default: this crate's version
-    /// and `ebpf`).
-    pub fn set_agent_info(&self, version: &str, mode: &str) {
-        let mut m = self.lock();
-        m.info_version = version.to_string();
-        m.info_mode = mode.to_string();
+    /// The `source` label of `lb_agent_info`: `cluster` or `manifest`.
+    pub fn set_agent_source(&self, source: &str) {
+        self.lock().info_source = source.to_string();
     }
 
     /// `lb_attached_interfaces{role}` (e.g. role `uplink`, `pod`).
@@ -303,11 +303,12 @@ impl Collector for StateCollector {
         family(
             e,
             "lb_agent_info",
-            "Always 1; labels carry the agent's version and proxy mode",
+            "Always 1; labels carry the agent's version, its proxy mode and where its desired state comes from",
             [(
                 [
                     ("version", s.info_version.as_str()),
                     ("mode", s.info_mode.as_str()),
+                    ("source", s.info_source.as_str()),
                 ],
                 ConstGauge::new(1u64),
             )],

@@ -189,7 +189,11 @@ fn a3_every_kube_proxy_metric_with_its_type() {
         value(
             &text,
             "lb_agent_info",
-            &[("version", env!("CARGO_PKG_VERSION")), ("mode", "ebpf")]
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("mode", "ebpf"),
+                ("source", "")
+            ]
         )
         .as_deref(),
         Some("1")
@@ -369,8 +373,15 @@ fn a3_lb_metrics_and_label_escaping() {
     m.inc_rejected_object("we\"ird\\kind\nx");
     m.set_attached_interfaces("uplink", 1);
     m.set_attached_interfaces("pod", 7);
-    m.set_agent_info("1.2.3", "ebpf");
+    m.set_agent_source("cluster");
     let text = m.render();
+    assert!(
+        text.contains(&format!(
+            "lb_agent_info{{version=\"{}\",mode=\"ebpf\",source=\"cluster\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
     let types = validate(&text);
     for (name, kind) in [
         ("lb_map_entries", "gauge"),
@@ -445,7 +456,11 @@ fn a3_lb_metrics_and_label_escaping() {
         value(
             &text,
             "lb_agent_info",
-            &[("version", "1.2.3"), ("mode", "ebpf")]
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("mode", "ebpf"),
+                ("source", "cluster")
+            ]
         )
         .as_deref(),
         Some("1")
