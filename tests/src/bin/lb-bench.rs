@@ -83,19 +83,16 @@ impl Kind {
     }
 }
 
-/// xorshift64*: deterministic, dependency-free randomness.
-struct Rng(u64);
+/// Deterministic randomness (the same packets every run), from `rand`.
+struct Rng(rand::rngs::SmallRng);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    fn new(seed: u64) -> Self {
+        Self(rand::SeedableRng::seed_from_u64(seed))
     }
 
     fn below(&mut self, n: u32) -> u32 {
-        (self.next() % u64::from(n)) as u32
+        rand::RngExt::random_range(&mut self.0, 0..n.max(1))
     }
 }
 
@@ -292,7 +289,7 @@ fn main() -> Result<()> {
 }
 
 fn bench(started: Instant, rounds: usize, runs: usize, counts: &[u32]) -> Result<()> {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     let mut insts = Vec::new();
     for &n in counts {
         let t = Instant::now();
