@@ -30,7 +30,13 @@ pub mod map_names {
     pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
     /// Uplink ifindex -> its primary IPv4 address (SNAT source).
     pub const UPLINK_ADDRS: &str = "LB_UPLINK_ADDRS";
-    pub const ALL: [&str; 9] = [
+    /// F7: (service id, source prefix) -> allowed (LPM trie).
+    pub const SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
+    /// F2: (socket cookie, backend address, port) -> the frontend the socket
+    /// asked for (recvmsg/getpeername show it; the agent finds connected UDP
+    /// sockets of a backend that went away).
+    pub const SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
+    pub const ALL: [&str; 11] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -40,6 +46,8 @@ pub mod map_names {
         STATS,
         SERVICE_NAMES,
         UPLINK_ADDRS,
+        SOURCE_RANGES,
+        SOCK_REVNAT,
     ];
 }
 
@@ -65,6 +73,8 @@ pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_NODE_ADDRS: u32 = 256;
 pub const MAX_UPLINKS: u32 = 64;
+pub const MAX_SOURCE_RANGES: u32 = 65_536;
+pub const MAX_SOCK_REVNAT: u32 = 262_144;
 
 /// Most backends one service port may have in its cluster-wide set (and,
 /// separately, in its node-local set). Bounded so slot indices stay small.
@@ -96,8 +106,13 @@ pub mod service_flags {
     pub const EXTERNAL_LOCAL: u16 = 1 << 5;
     /// internalTrafficPolicy: Local (ClusterIP uses the local set).
     pub const INTERNAL_LOCAL: u16 = 1 << 6;
-    /// loadBalancerSourceRanges apply.
+    /// loadBalancerSourceRanges apply (F7): on LOAD_BALANCER frontends only
+    /// sources in LB_SOURCE_RANGES under this service id get through.
     pub const SOURCE_RANGES: u16 = 1 << 7;
+    /// With SOURCE_RANGES: one of the ranges holds a node address, so
+    /// connections the node itself opens are allowed too (kube-proxy's
+    /// `allowFromNode`).
+    pub const SOURCE_RANGES_ALLOW_NODE: u16 = 1 << 8;
 }
 
 /// A frontend: where clients send packets.
@@ -151,9 +166,14 @@ pub mod backend_flags {
     pub const LOCAL: u8 = 1 << 0;
     /// The endpoint is terminating (used only as a fallback).
     pub const TERMINATING: u8 = 1 << 1;
+    /// In the service port's cluster-wide set right now.
+    pub const IN_CLUSTER_SET: u8 = 1 << 2;
+    /// In the service port's node-local set right now.
+    pub const IN_LOCAL_SET: u8 = 1 << 3;
 }
 
-/// An endpoint, keyed by a backend id the agent allocates.
+/// An endpoint of one service port, keyed by a backend id the agent
+/// allocates per (service port, endpoint).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct BackendValue {
@@ -164,6 +184,33 @@ pub struct BackendValue {
     pub proto: u8,
     /// `backend_flags::*`.
     pub flags: u8,
+    /// The service port this backend belongs to: ids are reused, and a
+    /// conntrack or affinity entry that names a backend id is only good
+    /// while the id still belongs to the same service port (C6, E4).
+    pub service_id: u32,
+}
+
+impl BackendValue {
+    /// Whether this backend is, right now, a usable endpoint of service
+    /// port `service_id` in the cluster-wide (`local == false`) or the
+    /// node-local set.
+    #[inline(always)]
+    pub fn serves(&self, service_id: u32, local: bool) -> bool {
+        let set = if local {
+            backend_flags::IN_LOCAL_SET
+        } else {
+            backend_flags::IN_CLUSTER_SET
+        };
+        self.service_id == service_id && self.flags & set != 0
+    }
+
+    /// Whether this backend is still an endpoint of `service_id` (in either
+    /// set).
+    #[inline(always)]
+    pub fn member_of(&self, service_id: u32) -> bool {
+        self.service_id == service_id
+            && self.flags & (backend_flags::IN_CLUSTER_SET | backend_flags::IN_LOCAL_SET) != 0
+    }
 }
 
 /// Conntrack direction (`ConntrackKey::dir`).
@@ -256,6 +303,71 @@ pub struct UplinkAddr {
     pub addr: u32,
 }
 
+/// F7: the data part of an LB_SOURCE_RANGES key (an LPM trie key is this
+/// with a prefix length in front): the service id, matched whole, then the
+/// source address, matched to the range's prefix. Prefix length = 32 +
+/// the CIDR's length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SourceRangeKey {
+    /// Big-endian, so that the trie's bit order matches the whole id first.
+    pub service_id: u32,
+    /// Network byte order (address bits in the trie's bit order).
+    pub addr: u32,
+}
+
+impl SourceRangeKey {
+    pub const SERVICE_ID_BITS: u32 = 32;
+
+    /// The key data for service id `service_id` and source `addr` (network
+    /// order).
+    #[inline(always)]
+    pub const fn new(service_id: u32, addr: u32) -> Self {
+        Self {
+            service_id: service_id.to_be(),
+            addr,
+        }
+    }
+
+    /// The service id (host order).
+    pub const fn service_id(&self) -> u32 {
+        u32::from_be(self.service_id)
+    }
+
+    /// The trie prefix length of a range of `cidr_len` bits; a lookup uses
+    /// the full length, `prefix_len(32)`.
+    #[inline(always)]
+    pub const fn prefix_len(cidr_len: u32) -> u32 {
+        Self::SERVICE_ID_BITS + cidr_len
+    }
+}
+
+/// F2: a translated socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SockRevNatKey {
+    /// bpf_get_socket_cookie() of the socket.
+    pub cookie: u64,
+    /// The backend, network order.
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// F2: what the socket asked for (the frontend), shown back by recvmsg and
+/// getpeername.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevNatValue {
+    /// The frontend, network order.
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+
 /// Longest namespace and Service name Kubernetes allows (RFC 1035 labels).
 pub const MAX_NAME_LEN: usize = 63;
 /// Longest Service port name Kubernetes allows (an IANA service name).
@@ -339,10 +451,25 @@ pub struct DatapathConfig {
     /// not collide with the node's own sockets.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    pub _pad: u32,
+    /// M1: traffic to a ClusterIP from outside this IPv4 CIDR (network order
+    /// address and mask) is SNAT'ed to the node. Mask 0: not configured
+    /// (kube-proxy without --cluster-cidr does not masquerade it either).
+    pub cluster_cidr_addr: u32,
+    pub cluster_cidr_mask: u32,
+    /// M4: the source address a pod sees when it reaches itself through its
+    /// Service (network order). Routed by the pod to its gateway, so the
+    /// answer comes back through the pod's own interface.
+    pub hairpin_addr: u32,
+    /// F2: the network namespace (bpf_get_netns_cookie) whose sockets the
+    /// cgroup hooks translate: the node's own. 0: none.
+    pub netns_cookie: u64,
 }
 
 pub const DATAPATH_CONFIG_GLOBAL: &str = "LB_CONFIG";
+
+/// 169.254.42.1 (network order), Cilium's default service loopback
+/// address: a link-local address no node or pod owns.
+pub const DEFAULT_HAIRPIN_ADDR: u32 = ipv4_to_net([169, 254, 42, 1]);
 
 impl DatapathConfig {
     pub const DEFAULT: Self = Self {
@@ -351,11 +478,21 @@ impl DatapathConfig {
         ct_udp_ns: 60 * 1_000_000_000,
         snat_port_min: 61_000,
         snat_port_max: 65_535,
-        _pad: 0,
+        cluster_cidr_addr: 0,
+        cluster_cidr_mask: 0,
+        hairpin_addr: DEFAULT_HAIRPIN_ADDR,
+        netns_cookie: 0,
     };
 }
 
 impl DatapathConfig {
+    /// M1: `addr` (network order) lies outside the configured cluster CIDR.
+    #[inline(always)]
+    pub fn outside_cluster_cidr(&self, addr: u32) -> bool {
+        self.cluster_cidr_mask != 0
+            && addr & self.cluster_cidr_mask != self.cluster_cidr_addr & self.cluster_cidr_mask
+    }
+
     /// Idle lifetime of a conntrack entry of protocol `proto` with `flags`
     /// (`ct_flags`). The datapath ignores a FORWARD entry idle for longer; the
     /// agent's garbage collector deletes it. One definition for both sides.
@@ -465,9 +602,28 @@ pub enum StatReason {
     ConntrackExpired = 17,
     /// Dropped: a flow to SNAT arrived on an uplink with no known address.
     DropNoSnatAddress = 18,
+    /// No usable endpoint at all: the packet was turned into a TCP reset or
+    /// an ICMP port unreachable back to its sender (E1).
+    RejectNoEndpoint = 19,
+    /// Dropped: the source is outside the LoadBalancer's
+    /// loadBalancerSourceRanges (F7).
+    DropSourceRange = 20,
+    /// A session-affinity entry named a backend that is no longer a usable
+    /// endpoint of the service port; a new one was picked (C6).
+    AffinityStale = 21,
+    /// A UDP flow whose backend left the service port moved to a new
+    /// backend (E4).
+    FlowMoved = 22,
+    /// A host-network socket's connect or sendmsg was sent to a backend (F2).
+    SockTranslated = 23,
+    /// A host-network socket's recvmsg or getpeername showed the frontend (F2).
+    SockRevTranslated = 24,
+    /// A host-network socket's connect or sendmsg to a frontend without
+    /// endpoints failed with ECONNREFUSED (E1 from the node).
+    SockRejected = 25,
 }
 
-pub const STAT_COUNT: u32 = 19;
+pub const STAT_COUNT: u32 = 26;
 
 impl StatReason {
     pub const ALL: [StatReason; STAT_COUNT as usize] = [
@@ -490,6 +646,13 @@ impl StatReason {
         StatReason::Redirected,
         StatReason::ConntrackExpired,
         StatReason::DropNoSnatAddress,
+        StatReason::RejectNoEndpoint,
+        StatReason::DropSourceRange,
+        StatReason::AffinityStale,
+        StatReason::FlowMoved,
+        StatReason::SockTranslated,
+        StatReason::SockRevTranslated,
+        StatReason::SockRejected,
     ];
 
     /// Stable snake_case name (lbctl output, metrics labels).
@@ -514,6 +677,13 @@ impl StatReason {
             StatReason::Redirected => "redirected",
             StatReason::ConntrackExpired => "conntrack_expired",
             StatReason::DropNoSnatAddress => "drop_no_snat_address",
+            StatReason::RejectNoEndpoint => "reject_no_endpoint",
+            StatReason::DropSourceRange => "drop_source_range",
+            StatReason::AffinityStale => "affinity_stale",
+            StatReason::FlowMoved => "flow_moved",
+            StatReason::SockTranslated => "sock_translated",
+            StatReason::SockRevTranslated => "sock_rev_translated",
+            StatReason::SockRejected => "sock_rejected",
         }
     }
 
@@ -527,6 +697,7 @@ impl StatReason {
                 | StatReason::DropSnatExhausted
                 | StatReason::DropFibFailed
                 | StatReason::DropNoSnatAddress
+                | StatReason::DropSourceRange
         )
     }
 }
@@ -568,6 +739,9 @@ mod user {
     unsafe impl aya::Pod for NodeAddrValue {}
     unsafe impl aya::Pod for UplinkAddr {}
     unsafe impl aya::Pod for ServicePortNameValue {}
+    unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for SockRevNatKey {}
+    unsafe impl aya::Pod for SockRevNatValue {}
     unsafe impl aya::Pod for DatapathConfig {}
 }
 
@@ -584,7 +758,7 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(size_of::<BackendSlotKey>(), 8);
         assert_eq!(size_of::<BackendSlot>(), 4);
-        assert_eq!(size_of::<BackendValue>(), 8);
+        assert_eq!(size_of::<BackendValue>(), 12);
         assert_eq!(size_of::<ConntrackKey>(), 16);
         assert_eq!(size_of::<ConntrackEntry>(), 32);
         assert_eq!(align_of::<ConntrackEntry>(), 8);
@@ -593,7 +767,10 @@ mod tests {
         assert_eq!(size_of::<NodeAddrValue>(), 4);
         assert_eq!(size_of::<UplinkAddr>(), 4);
         assert_eq!(size_of::<ServicePortNameValue>(), 148);
-        assert_eq!(size_of::<DatapathConfig>(), 32);
+        assert_eq!(size_of::<DatapathConfig>(), 48);
+        assert_eq!(size_of::<SourceRangeKey>(), 8);
+        assert_eq!(size_of::<SockRevNatKey>(), 16);
+        assert_eq!(size_of::<SockRevNatValue>(), 16);
     }
 
     #[test]

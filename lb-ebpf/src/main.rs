@@ -44,28 +44,28 @@ pub enum Hook {
 /// TC ingress on a pod's host-side veth: packets sent by the pod.
 #[classifier]
 pub fn lb_pod_ingress(ctx: TcContext) -> i32 {
-    maps::keep_service_names();
+    maps::keep_unread_maps();
     ingress::run(&ctx, Hook::Pod)
 }
 
 /// TC egress on a pod's host-side veth: packets delivered to the pod.
 #[classifier]
 pub fn lb_pod_egress(ctx: TcContext) -> i32 {
-    maps::keep_service_names();
+    maps::keep_unread_maps();
     egress::run(&ctx)
 }
 
 /// TC ingress on an uplink: packets from outside the node.
 #[classifier]
 pub fn lb_uplink_ingress(ctx: TcContext) -> i32 {
-    maps::keep_service_names();
+    maps::keep_unread_maps();
     ingress::run(&ctx, Hook::Uplink)
 }
 
 /// TC egress on an uplink: packets leaving the node.
 #[classifier]
 pub fn lb_uplink_egress(ctx: TcContext) -> i32 {
-    maps::keep_service_names();
+    maps::keep_unread_maps();
     egress::run(&ctx)
 }
 

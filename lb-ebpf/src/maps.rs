@@ -7,14 +7,15 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     AffinityKey, AffinityValue, BackendSlot, BackendSlotKey, BackendValue, ConntrackEntry,
     ConntrackKey, DatapathConfig, NodeAddrValue, ServiceKey, ServicePortNameValue, ServiceValue,
-    UplinkAddr, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_NODE_ADDRS,
-    MAX_SERVICES, MAX_UPLINKS, STAT_COUNT,
+    SockRevNatKey, SockRevNatValue, SourceRangeKey, UplinkAddr, MAX_AFFINITY, MAX_BACKENDS,
+    MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REVNAT,
+    MAX_SOURCE_RANGES, MAX_UPLINKS, STAT_COUNT,
 };
 
 /// Maps written only by the agent are allocated on demand: preallocating
@@ -61,6 +62,24 @@ pub static LB_NODE_ADDRS: HashMap<u32, NodeAddrValue, { MAX_NODE_ADDRS as usize 
 #[btf_map]
 pub static LB_UPLINK_ADDRS: HashMap<u32, UplinkAddr, { MAX_UPLINKS as usize }> = HashMap::new();
 
+/// F7: (service id, source prefix) of every LoadBalancer with
+/// loadBalancerSourceRanges. LPM tries must not be preallocated.
+#[btf_map]
+pub static LB_SOURCE_RANGES: LpmTrie<
+    SourceRangeKey,
+    u8,
+    { MAX_SOURCE_RANGES as usize },
+    NO_PREALLOC,
+> = LpmTrie::new();
+
+/// F2: (socket cookie, backend) -> the frontend the socket asked for.
+#[btf_map]
+pub static LB_SOCK_REVNAT: LruHashMap<
+    SockRevNatKey,
+    SockRevNatValue,
+    { MAX_SOCK_REVNAT as usize },
+> = LruHashMap::new();
+
 /// Per-CPU counters indexed by `lb_common::StatReason`.
 #[btf_map]
 pub static LB_STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
@@ -90,11 +109,14 @@ pub fn config() -> DatapathConfig {
     unsafe { core::ptr::read_volatile(&LB_CONFIG) }
 }
 
-/// Makes the programs reference `LB_SERVICE_NAMES`, which nothing reads: the
-/// linker drops unreferenced statics, and `#[used]` would put the map into a
-/// `.maps` section of its own, which the loader does not accept. Costs a
-/// map-address load per packet.
+/// Makes the programs reference the maps no program reads (yet), so that
+/// the loader creates and pins them with the rest: the linker drops
+/// unreferenced statics, and `#[used]` would put a map into a `.maps`
+/// section of its own, which the loader does not accept. Costs a
+/// map-address load per map per packet.
 #[inline(always)]
-pub fn keep_service_names() {
+pub fn keep_unread_maps() {
     core::hint::black_box(core::ptr::addr_of!(LB_SERVICE_NAMES));
+    core::hint::black_box(core::ptr::addr_of!(LB_SOURCE_RANGES));
+    core::hint::black_box(core::ptr::addr_of!(LB_SOCK_REVNAT));
 }

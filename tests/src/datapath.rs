@@ -251,12 +251,28 @@ impl Datapath {
             .unwrap();
     }
 
+    /// A backend that belongs to no service port (the agent never writes
+    /// one; tests use it for dangling ids).
     pub fn add_backend(&mut self, id: u32, addr: SocketAddrV4, proto: u8, flags: u8) {
+        self.put_backend(id, addr, proto, flags, 0);
+    }
+
+    /// A backend of service port `service_id`; `flags` carries its set
+    /// membership (`backend_flags::IN_CLUSTER_SET`, `IN_LOCAL_SET`).
+    pub fn put_backend(
+        &mut self,
+        id: u32,
+        addr: SocketAddrV4,
+        proto: u8,
+        flags: u8,
+        service_id: u32,
+    ) {
         let value = BackendValue {
             addr: ipv4_to_net(addr.ip().octets()),
             port: port_to_net(addr.port()),
             proto,
             flags,
+            service_id,
         };
         self.backends().insert(id, value, 0).unwrap();
     }
@@ -282,12 +298,24 @@ impl Datapath {
     /// Writes a service port as the agent does: backends and slots first,
     /// then the frontends that publish them.
     pub fn add_service(&mut self, svc: &ServiceEntry) {
+        // Set membership as the planner writes it: a backend in both sets
+        // carries both bits.
+        let member = |id: u32| {
+            let mut f = 0;
+            if svc.cluster.iter().any(|b| b.id == id) {
+                f |= lb_common::backend_flags::IN_CLUSTER_SET;
+            }
+            if svc.local.iter().any(|b| b.id == id) {
+                f |= lb_common::backend_flags::IN_LOCAL_SET;
+            }
+            f
+        };
         for (i, b) in svc.cluster.iter().enumerate() {
-            self.add_backend(b.id, b.addr, svc.proto, b.flags);
+            self.put_backend(b.id, b.addr, svc.proto, b.flags | member(b.id), svc.id);
             self.set_slot(svc.id, i as u32, b.id);
         }
         for (i, b) in svc.local.iter().enumerate() {
-            self.add_backend(b.id, b.addr, svc.proto, b.flags);
+            self.put_backend(b.id, b.addr, svc.proto, b.flags | member(b.id), svc.id);
             self.set_slot(svc.id, LOCAL_SLOT_BASE + i as u32, b.id);
         }
         let value = svc.value();

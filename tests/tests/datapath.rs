@@ -230,7 +230,7 @@ fn object_has_every_map_and_program() {
                 map_names::BACKENDS,
                 MapType::Hash,
                 4,
-                8,
+                std::mem::size_of::<lb_common::BackendValue>() as u32,
                 MAX_BACKENDS,
                 no_prealloc,
             ),
@@ -267,10 +267,28 @@ fn object_has_every_map_and_program() {
                 MAX_SERVICES,
                 no_prealloc,
             ),
+            (
+                map_names::SOURCE_RANGES,
+                MapType::LpmTrie,
+                4 + std::mem::size_of::<lb_common::SourceRangeKey>() as u32,
+                1,
+                lb_common::MAX_SOURCE_RANGES,
+                no_prealloc,
+            ),
+            (
+                map_names::SOCK_REVNAT,
+                MapType::LruHash,
+                std::mem::size_of::<lb_common::SockRevNatKey>() as u32,
+                std::mem::size_of::<lb_common::SockRevNatValue>() as u32,
+                lb_common::MAX_SOCK_REVNAT,
+                0,
+            ),
         ];
         for (name, ty, key, value, max, flags) in want {
             let info = match dp.ebpf.map(name).unwrap() {
-                Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) => d.info().unwrap(),
+                Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) | Map::LpmTrie(d) => {
+                    d.info().unwrap()
+                }
                 other => panic!("{name}: unexpected map kind {other:?}"),
             };
             assert_eq!(info.map_type().unwrap(), ty, "{name}");

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use ipnet::Ipv4Net;
 use lb_common::{BackendSlot, BackendSlotKey, BackendValue, ServiceKey, ServiceValue};
 
 use crate::desired::ServicePortName;
@@ -22,6 +23,8 @@ pub struct MapContents {
     pub names: BTreeMap<u32, ServicePortName>,
     /// LB_NODE_ADDRS: NodePort addresses, network byte order.
     pub node_addrs: BTreeSet<u32>,
+    /// LB_SOURCE_RANGES (F7): (service id, allowed source prefix).
+    pub source_ranges: BTreeSet<(u32, Ipv4Net)>,
 }
 
 /// One map write. The planner orders them so that the datapath never sees a
@@ -30,11 +33,13 @@ pub struct MapContents {
 pub enum MapOp {
     PutBackend(u32, BackendValue),
     PutSlot(BackendSlotKey, BackendSlot),
+    PutSourceRange(u32, Ipv4Net),
     PutName(u32, ServicePortName),
     PutNodeAddr(u32),
     PutService(ServiceKey, ServiceValue),
     DeleteService(ServiceKey),
     DeleteSlot(BackendSlotKey),
+    DeleteSourceRange(u32, Ipv4Net),
     DeleteBackend(u32),
     DeleteName(u32),
     DeleteNodeAddr(u32),
@@ -49,6 +54,12 @@ impl MapOp {
             }
             MapOp::PutSlot(k, v) => {
                 contents.slots.insert(*k, *v);
+            }
+            MapOp::PutSourceRange(id, net) => {
+                contents.source_ranges.insert((*id, *net));
+            }
+            MapOp::DeleteSourceRange(id, net) => {
+                contents.source_ranges.remove(&(*id, *net));
             }
             MapOp::PutName(id, n) => {
                 contents.names.insert(*id, n.clone());
@@ -78,21 +89,27 @@ impl MapOp {
     }
 
     /// Position in the one safe order of a plan: puts of what is reached
-    /// through other entries come before the entries that reach them, and
-    /// deletes in the reverse direction (backends, then slots, then names
-    /// and node addresses, then frontends; then the frontends go first).
+    /// through a frontend (backends, slots, source ranges, names, node
+    /// addresses) come before the frontends that reach them, so a frontend
+    /// is never published with a half-written set or without its source
+    /// ranges (F7 fails closed); deletes go the other way: frontends first.
     pub fn phase(&self) -> u8 {
         match self {
             MapOp::PutBackend(..) => 0,
             MapOp::PutSlot(..) => 1,
-            MapOp::PutName(..) => 2,
-            MapOp::PutNodeAddr(_) => 3,
-            MapOp::PutService(..) => 4,
-            MapOp::DeleteService(_) => 5,
-            MapOp::DeleteSlot(_) => 6,
-            MapOp::DeleteBackend(_) => 7,
-            MapOp::DeleteName(_) => 8,
-            MapOp::DeleteNodeAddr(_) => 9,
+            MapOp::PutSourceRange(..) => 2,
+            MapOp::PutName(..) => 3,
+            MapOp::PutNodeAddr(_) => 4,
+            MapOp::PutService(..) => 5,
+            MapOp::DeleteService(_) => 6,
+            MapOp::DeleteSlot(_) => 7,
+            MapOp::DeleteSourceRange(..) => 8,
+            MapOp::DeleteBackend(_) => 9,
+            MapOp::DeleteName(_) => 10,
+            MapOp::DeleteNodeAddr(_) => 11,
         }
     }
+
+    /// The first op of the delete phases.
+    pub const FIRST_DELETE_PHASE: u8 = 6;
 }

@@ -336,7 +336,9 @@ impl Agent {
                 }
                 continue;
             }
-            let full = changes.full || self.pending.full;
+            // A change of node addresses is rare and touches every port whose
+            // source ranges let the node through (F7): a full diff.
+            let full = changes.full || self.pending.full || self.pending.node_addrs;
             let scope = if full {
                 Scope::Full
             } else {

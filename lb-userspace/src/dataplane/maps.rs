@@ -4,10 +4,14 @@
 use std::borrow::{Borrow, BorrowMut};
 use std::path::Path;
 
+use std::net::Ipv4Addr;
+
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap, IterableMap, Map, MapData, MapError, PerCpuArray};
+use ipnet::Ipv4Net;
 use lb_common::{
     map_names, BackendSlot, BackendSlotKey, BackendValue, ConntrackEntry, ConntrackKey,
-    NodeAddrValue, ServiceKey, ServicePortNameValue, ServiceValue, StatReason,
+    NodeAddrValue, ServiceKey, ServicePortNameValue, ServiceValue, SourceRangeKey, StatReason,
 };
 use lb_core::{MapContents, MapOp, ServicePortName};
 use thiserror::Error;
@@ -48,6 +52,27 @@ pub struct AgentMaps<T> {
     pub backends: HashMap<T, u32, BackendValue>,
     pub names: HashMap<T, u32, ServicePortNameValue>,
     pub node_addrs: HashMap<T, u32, NodeAddrValue>,
+    pub source_ranges: LpmTrie<T, SourceRangeKey, u8>,
+}
+
+/// The LB_SOURCE_RANGES key of (service id, range).
+fn range_key(service_id: u32, net: &Ipv4Net) -> LpmKey<SourceRangeKey> {
+    LpmKey::new(
+        SourceRangeKey::prefix_len(u32::from(net.prefix_len())),
+        SourceRangeKey::new(service_id, lb_common::ipv4_to_net(net.network().octets())),
+    )
+}
+
+/// (service id, range) of an LB_SOURCE_RANGES key; `None` if it cannot be one
+/// the agent wrote.
+fn range_of(key: &LpmKey<SourceRangeKey>) -> Option<(u32, Ipv4Net)> {
+    let data = key.data();
+    let len = key
+        .prefix_len()
+        .checked_sub(SourceRangeKey::SERVICE_ID_BITS)?;
+    let addr = Ipv4Addr::from(lb_common::net_to_ipv4(data.addr));
+    let net = Ipv4Net::new(addr, u8::try_from(len).ok()?).ok()?;
+    Some((data.service_id(), net))
 }
 
 /// The maps the datapath writes and lbctl reads.
@@ -79,6 +104,8 @@ impl AgentMaps<MapData> {
                 .map_err(err(map_names::SERVICE_NAMES))?,
             node_addrs: HashMap::try_from(open_pinned(dir, map_names::NODE_ADDRS)?)
                 .map_err(err(map_names::NODE_ADDRS))?,
+            source_ranges: LpmTrie::try_from(open_pinned(dir, map_names::SOURCE_RANGES)?)
+                .map_err(err(map_names::SOURCE_RANGES))?,
         })
     }
 }
@@ -128,6 +155,18 @@ impl<T: Borrow<MapData>> AgentMaps<T> {
         }
         for k in self.node_addrs.keys() {
             c.node_addrs.insert(k.map_err(err(map_names::NODE_ADDRS))?);
+        }
+        for k in self.source_ranges.keys() {
+            let k = k.map_err(err(map_names::SOURCE_RANGES))?;
+            match range_of(&k) {
+                Some(r) => {
+                    c.source_ranges.insert(r);
+                }
+                None => warn!(
+                    prefix_len = k.prefix_len(),
+                    "LB_SOURCE_RANGES entry the agent cannot have written; ignored"
+                ),
+            }
         }
         Ok(c)
     }
@@ -241,6 +280,14 @@ impl<T: BorrowMut<MapData>> AgentMaps<T> {
                 self.names
                     .insert(id, v, 0)
                     .map_err(err(map_names::SERVICE_NAMES))
+            }
+            MapOp::PutSourceRange(id, net) => self
+                .source_ranges
+                .insert(&range_key(*id, net), 1, 0)
+                .map_err(err(map_names::SOURCE_RANGES)),
+            MapOp::DeleteSourceRange(id, net) => {
+                ignore_missing(self.source_ranges.remove(&range_key(*id, net)))
+                    .map_err(err(map_names::SOURCE_RANGES))
             }
             MapOp::PutNodeAddr(a) => self
                 .node_addrs

@@ -285,6 +285,7 @@ mod tests {
                 port: port_to_net(8080),
                 proto: PROTO_TCP,
                 flags: backend_flags::LOCAL,
+                service_id: 7,
             },
         );
         // Backend 2 missing: shown as a dangling slot, not a panic.

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{map_names, ServiceKey};
+use lb_common::{map_names, service_flags, ServiceKey};
 
 use super::claims::Claims;
 use super::mirror::Mirror;
@@ -13,8 +13,14 @@ use super::{BackendSet, Limits, PlanError, Scoped};
 use crate::desired::{DesiredServicePort, FrontendKind, ServicePortName};
 
 pub(crate) enum Admission {
-    /// Programmed with these frontend keys.
-    Admitted(BTreeMap<ServiceKey, FrontendKind>),
+    /// Programmed with these frontend keys, and its source ranges when
+    /// `ranges`. `retry`: something was left out for lack of room (the
+    /// LoadBalancer IPs, when the source ranges did not fit).
+    Admitted {
+        keys: BTreeMap<ServiceKey, FrontendKind>,
+        ranges: bool,
+        retry: bool,
+    },
     /// Not programmed: its entries are removed. `retry`: refused for lack
     /// of room, so later plans try again.
     Refused { retry: bool },
@@ -26,6 +32,7 @@ struct Room {
     services: u64,
     backends: u64,
     slots: u64,
+    source_ranges: u64,
 }
 
 impl Room {
@@ -33,12 +40,19 @@ impl Room {
         self.services += o.services;
         self.backends += o.backends;
         self.slots += o.slots;
+        self.source_ranges += o.source_ranges;
     }
 
     fn sub(&mut self, o: Room) {
         self.services = self.services.saturating_sub(o.services);
         self.backends = self.backends.saturating_sub(o.backends);
         self.slots = self.slots.saturating_sub(o.slots);
+        self.source_ranges = self.source_ranges.saturating_sub(o.source_ranges);
+    }
+
+    /// Whether `self + need` overflows LB_SOURCE_RANGES.
+    fn ranges_overflow(&self, need: u64, limits: &Limits) -> bool {
+        self.source_ranges + need > u64::from(limits.max_source_ranges)
     }
 
     /// The first map `self + need` would overflow.
@@ -73,6 +87,7 @@ fn held(mirror: &Mirror, sid: u32) -> Room {
         services: mirror.keys_of(sid).count() as u64,
         backends: bids.len() as u64,
         slots: mirror.slots_of(sid).count() as u64,
+        source_ranges: mirror.ranges_of(sid).count() as u64,
     }
 }
 
@@ -115,6 +130,7 @@ pub(crate) fn admit(
             services: c.services.len() as u64,
             backends: c.backends.len() as u64,
             slots: c.slots.len() as u64,
+            source_ranges: c.source_ranges.len() as u64,
         };
         for s in scoped {
             if let Some(sid) = s.old_sid {
@@ -150,9 +166,24 @@ pub(crate) fn admit(
                 }
             }
         }
+        // F7, fail closed: the source ranges go in with the LoadBalancer IPs
+        // or neither does.
+        let mut ranges = port.flags & service_flags::SOURCE_RANGES != 0
+            && keys.values().any(|k| *k == FrontendKind::LoadBalancer);
+        let mut retry = false;
+        if ranges && used.ranges_overflow(port.source_ranges.len() as u64, limits) {
+            reject(PlanError::SourceRangesFull {
+                port: s.name.clone(),
+                map: map_names::SOURCE_RANGES,
+                max: limits.max_source_ranges,
+            });
+            keys.retain(|_, kind| *kind != FrontendKind::LoadBalancer);
+            ranges = false;
+            retry = true;
+        }
         if keys.is_empty() {
             // Nothing reaches it: nothing to program.
-            out.push(Admission::Refused { retry: false });
+            out.push(Admission::Refused { retry });
             continue;
         }
         let tuples: BTreeSet<_> = port
@@ -165,6 +196,11 @@ pub(crate) fn admit(
             services: keys.len() as u64,
             backends: tuples.len() as u64,
             slots: (port.backends.len() + port.local_backends.len()) as u64,
+            source_ranges: if ranges {
+                port.source_ranges.len() as u64
+            } else {
+                0
+            },
         };
         if let Some((map, max)) = used.overflow(need, limits) {
             reject(PlanError::MapFull {
@@ -176,7 +212,11 @@ pub(crate) fn admit(
             continue;
         }
         used.add(need);
-        out.push(Admission::Admitted(keys));
+        out.push(Admission::Admitted {
+            keys,
+            ranges,
+            retry,
+        });
     }
     out
 }

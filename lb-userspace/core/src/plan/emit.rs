@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use ipnet::Ipv4Net;
 use lb_common::{BackendSlotKey, BackendValue, ServiceKey};
 
 use super::mirror::{slots_of, Mirror};
@@ -22,6 +23,7 @@ struct Domain {
     sids: BTreeSet<u32>,
     keys: BTreeSet<ServiceKey>,
     slots: BTreeSet<BackendSlotKey>,
+    ranges: BTreeSet<(u32, Ipv4Net)>,
     /// Backends referenced by `slots` (all backends when full).
     backends: BTreeSet<u32>,
 }
@@ -33,6 +35,7 @@ fn domain(scoped: &[Scoped<'_>], mirror: &Mirror, full: bool) -> Domain {
             sids: mirror.sids().collect(),
             keys: c.services.keys().copied().collect(),
             slots: c.slots.keys().copied().collect(),
+            ranges: c.source_ranges.clone(),
             backends: c.backends.keys().copied().collect(),
         };
     }
@@ -40,11 +43,14 @@ fn domain(scoped: &[Scoped<'_>], mirror: &Mirror, full: bool) -> Domain {
     let mut d = Domain {
         keys: BTreeSet::new(),
         slots: BTreeSet::new(),
+        ranges: BTreeSet::new(),
         backends: BTreeSet::new(),
         sids,
     };
     for &sid in &d.sids {
         d.keys.extend(mirror.keys_of(sid).copied());
+        d.ranges
+            .extend(mirror.ranges_of(sid).map(|net| (sid, *net)));
         for (k, s) in mirror.slots_of(sid) {
             d.slots.insert(*k);
             d.backends.insert(s.backend_id);
@@ -73,6 +79,9 @@ pub(crate) fn emit(
         if c.slots.get(k) != Some(v) {
             ops.push(MapOp::PutSlot(*k, *v));
         }
+    }
+    for (id, net) in target.source_ranges.difference(&c.source_ranges) {
+        ops.push(MapOp::PutSourceRange(*id, *net));
     }
     for (id, n) in &target.names {
         if c.names.get(id) != Some(n) {
@@ -111,6 +120,9 @@ pub(crate) fn emit(
             ops.push(MapOp::DeleteSlot(*k));
         }
     }
+    for (id, net) in d.ranges.difference(&target.source_ranges) {
+        ops.push(MapOp::DeleteSourceRange(*id, *net));
+    }
     for b in &d.backends {
         let still_referenced = refs.get(b).copied().unwrap_or(0) > 0;
         if !target.backends.contains_key(b) && !still_referenced && c.backends.contains_key(b) {
@@ -135,8 +147,9 @@ pub(crate) fn emit(
     }
 }
 
-/// Per service id: its frontends (key, flags, affinity timeout).
-type FrontendView = BTreeSet<(ServiceKey, u16, u32)>;
+/// Per service id: its frontends (key, flags, affinity timeout) and source
+/// ranges.
+type FrontendView = (BTreeSet<(ServiceKey, u16, u32)>, BTreeSet<Ipv4Net>);
 /// Per service id: its backend sets as (slot, backend value) pairs.
 type BackendView = Vec<(u32, Option<BackendValue>)>;
 
@@ -149,7 +162,11 @@ fn count_changes(d: &Domain, target: &MapContents, mirror: &Mirror) -> (usize, u
         after_fe
             .entry(v.service_id)
             .or_default()
+            .0
             .insert((*k, v.flags, v.affinity_timeout_sec));
+    }
+    for (sid, net) in &target.source_ranges {
+        after_fe.entry(*sid).or_default().1.insert(*net);
     }
     let sids: BTreeSet<u32> = d
         .sids
@@ -161,15 +178,18 @@ fn count_changes(d: &Domain, target: &MapContents, mirror: &Mirror) -> (usize, u
     let mut service_changes = 0;
     let mut endpoint_changes = 0;
     for sid in sids {
-        let before: FrontendView = mirror
-            .keys_of(sid)
-            .filter_map(|k| {
-                c.services
-                    .get(k)
-                    .map(|v| (*k, v.flags, v.affinity_timeout_sec))
-            })
-            .collect();
-        if after_fe.get(&sid).unwrap_or(&FrontendView::new()) != &before {
+        let before: FrontendView = (
+            mirror
+                .keys_of(sid)
+                .filter_map(|k| {
+                    c.services
+                        .get(k)
+                        .map(|v| (*k, v.flags, v.affinity_timeout_sec))
+                })
+                .collect(),
+            mirror.ranges_of(sid).copied().collect(),
+        );
+        if after_fe.get(&sid).unwrap_or(&FrontendView::default()) != &before {
             service_changes += 1;
         }
         let before: BackendView = mirror

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use ipnet::Ipv4Net;
 use lb_common::{BackendSlot, BackendSlotKey, ServiceKey};
 
 use super::ids::FreeIds;
@@ -17,7 +18,10 @@ pub(crate) struct Mirror {
     contents: MapContents,
     /// Service id -> its frontend keys.
     sid_keys: BTreeMap<u32, BTreeSet<ServiceKey>>,
-    /// Service id -> entries carrying it (frontends, slots, its name).
+    /// Service id -> its source ranges (F7).
+    sid_ranges: BTreeMap<u32, BTreeSet<Ipv4Net>>,
+    /// Service id -> entries carrying it (frontends, slots, source ranges,
+    /// its name).
     sid_refs: BTreeMap<u32, u32>,
     /// Backend id -> slots referencing it.
     backend_refs: BTreeMap<u32, u32>,
@@ -39,6 +43,7 @@ impl Mirror {
             backends,
             names,
             node_addrs,
+            source_ranges,
         } = contents;
         // One code path for the indexes: replay the contents as writes.
         for (id, v) in backends {
@@ -49,6 +54,9 @@ impl Mirror {
         }
         for (id, n) in names {
             m.apply(&MapOp::PutName(id, n));
+        }
+        for (id, net) in source_ranges {
+            m.apply(&MapOp::PutSourceRange(id, net));
         }
         for (k, v) in services {
             m.apply(&MapOp::PutService(k, v));
@@ -74,6 +82,10 @@ impl Mirror {
     /// The slots of one service id (both sets), in slot order.
     pub fn slots_of(&self, sid: u32) -> impl Iterator<Item = (&BackendSlotKey, &BackendSlot)> + '_ {
         slots_of(&self.contents.slots, sid)
+    }
+
+    pub fn ranges_of(&self, sid: u32) -> impl Iterator<Item = &Ipv4Net> + '_ {
+        self.sid_ranges.get(&sid).into_iter().flatten()
     }
 
     /// Slots referencing backend `bid`.
@@ -119,6 +131,18 @@ impl Mirror {
                 if let Some(old) = self.contents.slots.remove(k) {
                     self.backend_ref(old.backend_id, false);
                     self.sid_ref(k.service_id, false);
+                }
+            }
+            MapOp::PutSourceRange(id, net) => {
+                if self.contents.source_ranges.insert((*id, *net)) {
+                    self.sid_ranges.entry(*id).or_default().insert(*net);
+                    self.sid_ref(*id, true);
+                }
+            }
+            MapOp::DeleteSourceRange(id, net) => {
+                if self.contents.source_ranges.remove(&(*id, *net)) {
+                    remove_from(&mut self.sid_ranges, id, net);
+                    self.sid_ref(*id, false);
                 }
             }
             MapOp::PutName(id, n) => {
@@ -202,6 +226,7 @@ impl Mirror {
     pub fn assert_indexes(&self) {
         let fresh = Mirror::new(self.contents.clone());
         assert_eq!(self.sid_keys, fresh.sid_keys, "sid_keys");
+        assert_eq!(self.sid_ranges, fresh.sid_ranges, "sid_ranges");
         assert_eq!(self.sid_refs, fresh.sid_refs, "sid_refs");
         assert_eq!(self.backend_refs, fresh.backend_refs, "backend_refs");
         assert_eq!(self.port_sids, fresh.port_sids, "port_sids");

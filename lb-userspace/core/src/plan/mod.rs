@@ -91,6 +91,8 @@ pub struct Limits {
     pub max_backends_per_service: u32,
     /// Entries of LB_NODE_ADDRS.
     pub max_node_addrs: u32,
+    /// Entries of LB_SOURCE_RANGES.
+    pub max_source_ranges: u32,
 }
 
 impl Default for Limits {
@@ -101,6 +103,7 @@ impl Default for Limits {
             max_backend_slots: lb_common::MAX_BACKEND_SLOTS,
             max_backends_per_service: lb_common::MAX_BACKENDS_PER_SERVICE,
             max_node_addrs: lb_common::MAX_NODE_ADDRS,
+            max_source_ranges: lb_common::MAX_SOURCE_RANGES,
         }
     }
 }
@@ -150,6 +153,13 @@ pub enum PlanError {
         map: &'static str,
         max: u32,
     },
+    /// F7 fails closed: the port is programmed without its LoadBalancer IPs.
+    #[error("{port}: its loadBalancerSourceRanges do not fit in {map} (at most {max} entries); not exposed on its LoadBalancer IPs")]
+    SourceRangesFull {
+        port: ServicePortName,
+        map: &'static str,
+        max: u32,
+    },
     #[error("{port}: {} {frontend} is already served by {owner} (a ClusterIP, or an older Service, keeps it); skipped", .frontend.kind.field())]
     FrontendTaken {
         port: ServicePortName,
@@ -166,6 +176,7 @@ impl PlanError {
         match self {
             PlanError::TooManyBackends { port, .. }
             | PlanError::MapFull { port, .. }
+            | PlanError::SourceRangesFull { port, .. }
             | PlanError::FrontendTaken { port, .. } => Some(port),
             PlanError::TooManyNodeAddrs { .. } => None,
         }
@@ -302,7 +313,8 @@ impl Planner {
         );
         for (s, a) in scoped.iter().zip(&admitted) {
             match a {
-                admit::Admission::Refused { retry: true } => {
+                admit::Admission::Refused { retry: true }
+                | admit::Admission::Admitted { retry: true, .. } => {
                     self.deferred.insert(s.name.clone());
                 }
                 _ => {
@@ -310,7 +322,7 @@ impl Planner {
                 }
             }
         }
-        let target = target::target(&scoped, &admitted, &self.mirror)?;
+        let target = target::target(&scoped, &admitted, &self.mirror, node_addrs)?;
         let mut node_addr_errors = BTreeSet::new();
         let node_target = target::node_addrs(node_addrs, &self.limits, &mut node_addr_errors);
         let emitted = emit::emit(&scoped, &target, &node_target, &self.mirror, full);

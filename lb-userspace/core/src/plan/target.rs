@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use lb_common::{
-    backend_flags, BackendSlot, BackendSlotKey, BackendValue, ServiceValue, LOCAL_SLOT_BASE,
+    backend_flags, service_flags, BackendSlot, BackendSlotKey, BackendValue, ServiceValue,
+    LOCAL_SLOT_BASE,
 };
 
 use super::admit::Admission;
@@ -30,28 +31,39 @@ fn tuple_of(v: &BackendValue) -> BackendTuple {
     (v.addr, v.port, v.proto)
 }
 
-/// The backend entries of one port: one per endpoint (address, port), used
-/// by one or both sets. LOCAL if the endpoint is local; TERMINATING only if
-/// every set uses it as a terminating fallback (E3). The only place these
-/// flags are decided.
+/// The backend entries of service port `sid`: one per endpoint (address,
+/// port), used by one or both sets. LOCAL if the endpoint is local;
+/// TERMINATING only if every set uses it as a terminating fallback (E3);
+/// IN_CLUSTER_SET / IN_LOCAL_SET for the sets it is in (what the datapath
+/// checks before it trusts an affinity or conntrack entry, C6 and E4). The
+/// only place these flags are decided.
 fn backend_values(
     port: &DesiredServicePort,
     proto: Protocol,
+    sid: u32,
 ) -> BTreeMap<BackendTuple, BackendValue> {
     let mut out: BTreeMap<BackendTuple, BackendValue> = BTreeMap::new();
-    for e in port.backends.iter().chain(&port.local_backends) {
-        let t = backend_tuple(e, proto);
-        let v = out.entry(t).or_insert(BackendValue {
-            addr: t.0,
-            port: t.1,
-            proto: t.2,
-            flags: backend_flags::TERMINATING,
-        });
-        if e.local {
-            v.flags |= backend_flags::LOCAL;
-        }
-        if !e.terminating {
-            v.flags &= !backend_flags::TERMINATING;
+    let sets = [
+        (&port.backends, backend_flags::IN_CLUSTER_SET),
+        (&port.local_backends, backend_flags::IN_LOCAL_SET),
+    ];
+    for (set, member) in sets {
+        for e in set {
+            let t = backend_tuple(e, proto);
+            let v = out.entry(t).or_insert(BackendValue {
+                addr: t.0,
+                port: t.1,
+                proto: t.2,
+                flags: backend_flags::TERMINATING,
+                service_id: sid,
+            });
+            v.flags |= member;
+            if e.local {
+                v.flags |= backend_flags::LOCAL;
+            }
+            if !e.terminating {
+                v.flags &= !backend_flags::TERMINATING;
+            }
         }
     }
     out
@@ -74,6 +86,7 @@ pub(crate) fn target(
     scoped: &[Scoped<'_>],
     admitted: &[Admission],
     mirror: &Mirror,
+    node_addrs: &BTreeSet<Ipv4Addr>,
 ) -> Result<MapContents, IdsExhausted> {
     let c = mirror.contents();
     let mut fresh_sids = Fresh {
@@ -86,7 +99,7 @@ pub(crate) fn target(
     };
     let mut t = MapContents::default();
     for (s, a) in scoped.iter().zip(admitted) {
-        let (Admission::Admitted(keys), Some(port)) = (a, s.desired) else {
+        let (Admission::Admitted { keys, ranges, .. }, Some(port)) = (a, s.desired) else {
             continue;
         };
         let proto = s.name.protocol;
@@ -106,7 +119,7 @@ pub(crate) fn target(
             .filter_map(|(bid, _)| c.backends.get(bid).map(|v| (tuple_of(v), *bid)))
             .collect();
         let mut bid_of: BTreeMap<BackendTuple, u32> = BTreeMap::new();
-        for (tuple, value) in backend_values(port, proto) {
+        for (tuple, value) in backend_values(port, proto, sid) {
             let bid = match owned.get(&tuple) {
                 Some(bid) => *bid,
                 None => fresh_bids.next()?,
@@ -131,6 +144,22 @@ pub(crate) fn target(
             }
         }
         t.names.insert(sid, s.name.clone());
+        let mut flags = port.flags;
+        if *ranges {
+            t.source_ranges
+                .extend(port.source_ranges.iter().map(|net| (sid, *net)));
+            // kube-proxy's allowFromNode: a range that holds a node address
+            // lets the node's own connections through.
+            if port
+                .source_ranges
+                .iter()
+                .any(|net| node_addrs.iter().any(|a| net.contains(a)))
+            {
+                flags |= service_flags::SOURCE_RANGES_ALLOW_NODE;
+            }
+        } else {
+            flags &= !service_flags::SOURCE_RANGES;
+        }
         for (key, kind) in keys {
             t.services.insert(
                 *key,
@@ -139,7 +168,7 @@ pub(crate) fn target(
                     // admit bounded both lengths by u16::MAX.
                     backend_count: port.backends.len() as u16,
                     local_backend_count: port.local_backends.len() as u16,
-                    flags: kind.flag() | port.flags,
+                    flags: kind.flag() | flags,
                     _pad: 0,
                     affinity_timeout_sec: port.affinity_timeout_sec,
                 },

@@ -211,7 +211,11 @@ fn first_plan_writes_everything_in_order() {
     };
     assert_eq!(slot(0), slot(LOCAL_SLOT_BASE));
     let b = c.backends[&slot(0)];
-    assert_eq!(b.flags, backend_flags::LOCAL);
+    assert_eq!(
+        b.flags,
+        backend_flags::LOCAL | backend_flags::IN_CLUSTER_SET | backend_flags::IN_LOCAL_SET
+    );
+    assert_eq!(b.service_id, 1);
     assert_eq!(lb_common::net_to_ipv4(b.addr), [10, 1, 0, 5]);
     assert_eq!(lb_common::net_to_port(b.port), 8080);
     assert_eq!(
@@ -292,7 +296,13 @@ fn ids_are_kept_and_new_ones_are_the_smallest_free() {
         dns_backend
     );
     assert_eq!((plan.service_changes, plan.endpoint_changes), (1, 1));
-    assert!(plan.ops.iter().all(|op| op.phase() >= 5), "{:?}", plan.ops);
+    assert!(
+        plan.ops
+            .iter()
+            .all(|op| op.phase() >= MapOp::FIRST_DELETE_PHASE),
+        "{:?}",
+        plan.ops
+    );
     // A new port gets the smallest free id again.
     run(
         &mut p,
@@ -334,7 +344,7 @@ fn a_port_keeps_its_id_through_a_frontend_change() {
     assert_eq!((plan.service_changes, plan.endpoint_changes), (1, 0));
     assert_eq!(
         plan.ops.iter().map(MapOp::phase).collect::<Vec<_>>(),
-        vec![4, 5]
+        vec![5, 6]
     );
 }
 
@@ -348,7 +358,10 @@ fn a_backend_flag_change_rewrites_that_backend_in_place() {
     let [MapOp::PutBackend(id, v)] = plan.ops.as_slice() else {
         panic!("{:?}", plan.ops)
     };
-    assert_eq!(v.flags, backend_flags::TERMINATING);
+    assert_eq!(
+        v.flags,
+        backend_flags::TERMINATING | backend_flags::IN_CLUSTER_SET
+    );
     assert_eq!(before.backends[id].addr, v.addr);
     assert_eq!((plan.service_changes, plan.endpoint_changes), (0, 1));
 }
@@ -379,11 +392,12 @@ fn backends_belong_to_one_port_with_that_ports_flags() {
             .backend_id;
         p.contents().backends[&bid].flags
     };
+    let both_sets = backend_flags::IN_CLUSTER_SET | backend_flags::IN_LOCAL_SET;
     assert_eq!(
         flags(&p, &a),
-        backend_flags::LOCAL | backend_flags::TERMINATING
+        backend_flags::LOCAL | backend_flags::TERMINATING | both_sets
     );
-    assert_eq!(flags(&p, &b), backend_flags::LOCAL);
+    assert_eq!(flags(&p, &b), backend_flags::LOCAL | both_sets);
     assert_eq!(p.contents().backends.len(), 2);
     // b goes away: a's entry is untouched.
     let plan = run(&mut p, &state(vec![(a.clone(), pa)]), &none(), Scope::Full);
@@ -394,7 +408,7 @@ fn backends_belong_to_one_port_with_that_ports_flags() {
     assert_eq!(plan.endpoint_changes, 1);
     assert_eq!(
         flags(&p, &a),
-        backend_flags::LOCAL | backend_flags::TERMINATING
+        backend_flags::LOCAL | backend_flags::TERMINATING | both_sets
     );
 }
 
@@ -756,6 +770,76 @@ fn a_port_with_every_frontend_taken_is_not_programmed() {
     assert!(sid_of(p.contents(), &copy).is_none());
 }
 
+#[test]
+fn f7_source_ranges_go_in_with_the_lb_ips_and_fail_closed() {
+    let lb = fe(FrontendKind::LoadBalancer, Some("198.51.100.10"), 80, TCP);
+    let name = spn("default", "lb", "", TCP);
+    let mut pt = port(&[cip("10.96.0.40", 80), lb], &[ep("10.1.0.9", 80, false)]);
+    pt.flags = service_flags::SOURCE_RANGES;
+    pt.source_ranges = vec![
+        "10.0.0.0/8".parse().unwrap(),
+        "192.168.1.0/24".parse().unwrap(),
+    ];
+    let d = state(vec![(name.clone(), pt.clone())]);
+    // The ranges are written before the frontends that need them.
+    let node: BTreeSet<_> = [ip("192.168.1.7")].into();
+    let mut p = Planner::default();
+    let plan = run(&mut p, &d, &node, Scope::Full);
+    let put_range = plan
+        .ops
+        .iter()
+        .position(|o| matches!(o, MapOp::PutSourceRange(..)))
+        .unwrap();
+    let put_lb = plan
+        .ops
+        .iter()
+        .position(|o| matches!(o, MapOp::PutService(k, _) if *k == lb.key()))
+        .unwrap();
+    assert!(put_range < put_lb);
+    assert_eq!(p.contents().source_ranges.len(), 2);
+    // A range holds a node address: the node's own connections get through.
+    let v = p.contents().services[&lb.key()];
+    assert_eq!(
+        v.flags,
+        service_flags::LOAD_BALANCER
+            | service_flags::SOURCE_RANGES
+            | service_flags::SOURCE_RANGES_ALLOW_NODE
+    );
+    // A range changes: one put, one delete, counted as a service change.
+    let mut narrower = pt.clone();
+    narrower.source_ranges.pop();
+    let plan = run(
+        &mut p,
+        &state(vec![(name.clone(), narrower)]),
+        &node,
+        Scope::Full,
+    );
+    assert_eq!(plan.ops.len(), 2 + 1, "{:?}", plan.ops); // flag rewrite on two frontends, one range gone
+    assert_eq!(plan.service_changes, 1);
+    // No room for the ranges: programmed without its LoadBalancer IP, retried.
+    let limits = Limits {
+        max_source_ranges: 1,
+        ..Limits::default()
+    };
+    let mut p = Planner::adopt(MapContents::default(), limits);
+    let plan = run(&mut p, &d, &none(), Scope::Full);
+    assert!(
+        matches!(plan.errors[0], PlanError::SourceRangesFull { .. }),
+        "{:?}",
+        plan.errors
+    );
+    assert!(!p.contents().services.contains_key(&lb.key()));
+    assert!(p
+        .contents()
+        .services
+        .contains_key(&cip("10.96.0.40", 80).key()));
+    assert!(p.contents().source_ranges.is_empty());
+    // The port is gone: so are its ranges.
+    let (mut p, _) = full(&d);
+    run(&mut p, &DesiredState::default(), &none(), Scope::Full);
+    assert!(p.contents().source_ranges.is_empty());
+}
+
 /// 10,000 service ports x 10 endpoints: one endpoint event is a handful of
 /// writes, whatever the size (the structural proof that a `Ports` plan does
 /// not grow with the number of services; the timing is `cargo xtask bench`'s).
@@ -845,14 +929,17 @@ fn arb_endpoint() -> impl Strategy<Value = Endpoint> {
         })
 }
 
+const RANGES: [&str; 3] = ["10.0.0.0/8", "192.168.1.0/24", "203.0.113.0/24"];
+
 fn arb_port() -> impl Strategy<Value = DesiredServicePort> {
     (
         proptest::collection::vec(arb_frontend(), 0..4),
         proptest::collection::btree_set(arb_endpoint(), 0..5),
         0..TIMES.len(),
         any::<bool>(),
+        proptest::collection::btree_set(0..RANGES.len(), 0..3),
     )
-        .prop_map(|(frontends, eps, time, sticky)| {
+        .prop_map(|(frontends, eps, time, sticky, ranges)| {
             // The model gives one frontend per key within a port.
             let mut keys = BTreeSet::new();
             let frontends = frontends
@@ -865,14 +952,20 @@ fn arb_port() -> impl Strategy<Value = DesiredServicePort> {
                 .into_iter()
                 .filter(|e| seen.insert((e.addr, e.port)))
                 .collect();
+            let source_ranges: Vec<ipnet::Ipv4Net> =
+                ranges.iter().map(|i| RANGES[*i].parse().unwrap()).collect();
+            let mut flags = if sticky { service_flags::AFFINITY } else { 0 };
+            if !source_ranges.is_empty() {
+                flags |= service_flags::SOURCE_RANGES;
+            }
             DesiredServicePort {
                 frontends,
                 local_backends: backends.iter().filter(|e| e.local).copied().collect(),
                 backends,
-                flags: if sticky { service_flags::AFFINITY } else { 0 },
+                flags,
                 affinity_timeout_sec: if sticky { 60 } else { 0 },
                 created: TIMES[time].map(|t| t.parse().unwrap()),
-                ..DesiredServicePort::default()
+                source_ranges,
             }
         })
 }
@@ -904,7 +997,27 @@ fn assert_matches(c: &MapContents, d: &DesiredState) {
                     .get(&f.key())
                     .unwrap_or_else(|| panic!("{f} of {n} missing"));
                 assert_eq!(c.names.get(&v.service_id), Some(n), "{f}");
-                assert_eq!(v.flags, f.kind.flag() | p.flags);
+                // F7: the ranges go in with a LoadBalancer IP, else the flag goes.
+                let owns_lb = p.frontends.iter().any(|g| {
+                    g.kind == FrontendKind::LoadBalancer && claims.owner(&g.key()) == Some(n)
+                });
+                let mut flags = p.flags;
+                if !owns_lb {
+                    flags &= !service_flags::SOURCE_RANGES;
+                }
+                assert_eq!(v.flags, f.kind.flag() | flags);
+                let ranges: BTreeSet<ipnet::Ipv4Net> = c
+                    .source_ranges
+                    .iter()
+                    .filter(|(sid, _)| *sid == v.service_id)
+                    .map(|(_, net)| *net)
+                    .collect();
+                let want: BTreeSet<ipnet::Ipv4Net> = if flags & service_flags::SOURCE_RANGES != 0 {
+                    p.source_ranges.iter().copied().collect()
+                } else {
+                    BTreeSet::new()
+                };
+                assert_eq!(ranges, want, "ranges of {n}");
                 let backends = |base: u32, n: u16| -> Vec<(Ipv4Addr, u16, bool)> {
                     (0..u32::from(n))
                         .map(|i| {
@@ -1021,7 +1134,7 @@ proptest! {
             c.services.insert(f.key(), lb_common::ServiceValue { service_id: sid, backend_count: 1, ..Default::default() });
             c.slots.insert(BackendSlotKey { service_id: sid, slot }, lb_common::BackendSlot { backend_id: bid });
             if bid % 2 == 0 {
-                c.backends.insert(bid, lb_common::BackendValue { addr: bid, port: 80, proto: 6, flags: 0 });
+                c.backends.insert(bid, lb_common::BackendValue { addr: bid, port: 80, proto: 6, flags: 0, service_id: sid });
             }
             if sid % 2 == 0 {
                 c.names.insert(sid, spn("default", NAMES[sid as usize % NAMES.len()], "", TCP));
