@@ -62,14 +62,16 @@ pub fn uplink_addrs(
         .collect()
 }
 
-/// Parses `--nodeport-addresses` (comma-separated IPv4 CIDRs).
-pub fn parse_cidrs(s: &str) -> Result<Vec<Ipv4Net>, String> {
+/// Parses a flag of comma-separated IPv4 CIDRs (`--nodeport-addresses`,
+/// `--cluster-cidr`); errors name `flag`.
+pub fn parse_cidrs(s: &str, flag: &str) -> Result<Vec<Ipv4Net>, String> {
     s.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .map(|p| {
             p.parse::<Ipv4Net>()
-                .map_err(|e| format!("--nodeport-addresses: {p:?} is not an IPv4 CIDR: {e}"))
+                .map(|n| n.trunc())
+                .map_err(|e| format!("{flag}: {p:?} is not an IPv4 CIDR: {e}"))
         })
         .collect()
 }
@@ -126,7 +128,10 @@ mod tests {
                 "198.18.0.11".parse().unwrap()
             ]
         );
-        let only = nodeport_addrs(&addrs, &parse_cidrs("198.18.0.0/24").unwrap());
+        let only = nodeport_addrs(
+            &addrs,
+            &parse_cidrs("198.18.0.0/24", "--nodeport-addresses").unwrap(),
+        );
         assert_eq!(
             only.into_iter().collect::<Vec<_>>(),
             vec!["198.18.0.11".parse::<Ipv4Addr>().unwrap()]
@@ -160,7 +165,7 @@ mod tests {
 
     #[test]
     fn bad_cidr_names_the_flag() {
-        let e = parse_cidrs("10.0.0.0/8,nope").unwrap_err();
+        let e = parse_cidrs("10.0.0.0/8,nope", "--nodeport-addresses").unwrap_err();
         assert!(
             e.contains("--nodeport-addresses") && e.contains("nope"),
             "{e}"

@@ -60,8 +60,11 @@ pub struct Settings {
     pub pod_pattern: Regex,
     /// NodePorts answer only on addresses inside these (empty: all).
     pub nodeport_cidrs: Vec<Ipv4Net>,
-    /// Globals of the datapath (conntrack lifetimes, SNAT ports).
+    /// Globals of the datapath (conntrack lifetimes, SNAT ports, cluster
+    /// CIDR, hairpin address).
     pub datapath: DatapathConfig,
+    /// F2: socket-level load balancing for host-network processes.
+    pub socket_lb: SocketLb,
     /// `/healthz`, `/livez`; empty disables.
     pub healthz_bind_address: String,
     /// `/metrics`, `/proxyMode`; empty disables.
@@ -73,6 +76,18 @@ pub struct Settings {
     /// in cluster mode).
     pub poll_interval: Duration,
     pub conntrack_gc_interval: Duration,
+}
+
+/// F2: which processes get socket-level load balancing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocketLb {
+    Off,
+    /// Every process of the machine's cgroup v2 hierarchy (found in
+    /// /proc/self/mountinfo), limited to this node's network namespace.
+    CgroupRoot,
+    /// The processes of this cgroup v2 directory (tests: one per emulated
+    /// node).
+    Cgroup(PathBuf),
 }
 
 /// Where the desired state comes from.

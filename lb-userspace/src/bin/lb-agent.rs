@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use lb_common::DatapathConfig;
-use lb_userspace::agent::{self, parse_cidrs, Mode, Settings};
+use lb_userspace::agent::{self, parse_cidrs, Mode, Settings, SocketLb};
 use lb_userspace::dataplane;
 use regex::Regex;
 use tracing::info;
@@ -48,6 +48,25 @@ struct Args {
     /// them (default: every non-loopback IPv4 address of the node).
     #[arg(long, value_name = "CIDR,...")]
     nodeport_addresses: Option<String>,
+    /// The cluster's pod CIDR(s), kube-proxy's --cluster-cidr: traffic to a
+    /// ClusterIP from outside it is SNAT'ed to the node (M1). Without it,
+    /// such traffic keeps its source, as with kube-proxy.
+    #[arg(long, value_name = "CIDR,...")]
+    cluster_cidr: Option<String>,
+    /// The source address a pod sees when it reaches itself through its own
+    /// Service (M4 hairpin). A link-local address nothing owns; pods route
+    /// it to their gateway.
+    #[arg(long, default_value = "169.254.42.1")]
+    hairpin_address: std::net::Ipv4Addr,
+    /// cgroup v2 directory whose processes get socket-level load balancing
+    /// (F2: host-network clients). Default: the cgroup v2 root of this
+    /// machine, found in /proc/self/mountinfo.
+    #[arg(long, value_name = "DIR")]
+    cgroup_path: Option<PathBuf>,
+    /// Turn socket-level load balancing off (host-network clients then reach
+    /// no Service).
+    #[arg(long)]
+    no_socket_lb: bool,
     /// /healthz and /livez (kube-proxy compatible); empty disables.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: String,
@@ -105,9 +124,25 @@ fn main() -> Result<()> {
     let pod_pattern = Regex::new(&args.pod_iface_pattern)
         .with_context(|| format!("--pod-iface-pattern {:?}", args.pod_iface_pattern))?;
     let nodeport_cidrs = match &args.nodeport_addresses {
-        Some(s) => parse_cidrs(s).map_err(anyhow::Error::msg)?,
+        Some(s) => parse_cidrs(s, "--nodeport-addresses").map_err(anyhow::Error::msg)?,
         None => Vec::new(),
     };
+    let cluster_cidr = match &args.cluster_cidr {
+        Some(s) => parse_cidrs(s, "--cluster-cidr").map_err(anyhow::Error::msg)?,
+        None => Vec::new(),
+    };
+    if cluster_cidr.len() > 1 {
+        anyhow::bail!("--cluster-cidr: give one IPv4 CIDR (IPv6 is not supported yet)");
+    }
+    let (cluster_cidr_addr, cluster_cidr_mask) = cluster_cidr
+        .first()
+        .map(|n| {
+            (
+                lb_common::ipv4_to_net(n.network().octets()),
+                lb_common::ipv4_to_net(n.netmask().octets()),
+            )
+        })
+        .unwrap_or((0, 0));
     let settings = Settings {
         node_name,
         bpffs: args.bpffs.clone(),
@@ -118,7 +153,15 @@ fn main() -> Result<()> {
             ct_tcp_established_ns: args.conntrack_tcp_established_timeout.as_nanos() as u64,
             ct_tcp_transient_ns: args.conntrack_tcp_transient_timeout.as_nanos() as u64,
             ct_udp_ns: args.conntrack_udp_timeout.as_nanos() as u64,
+            cluster_cidr_addr,
+            cluster_cidr_mask,
+            hairpin_addr: lb_common::ipv4_to_net(args.hairpin_address.octets()),
             ..DatapathConfig::DEFAULT
+        },
+        socket_lb: match (args.no_socket_lb, &args.cgroup_path) {
+            (true, _) => SocketLb::Off,
+            (false, None) => SocketLb::CgroupRoot,
+            (false, Some(dir)) => SocketLb::Cgroup(dir.clone()),
         },
         healthz_bind_address: args.healthz_bind_address.clone(),
         metrics_bind_address: args.metrics_bind_address.clone(),
