@@ -13,8 +13,10 @@
 //! | `service`   | frontend lookup (exact, then NodePort wildcard)           |
 //! | `backend`   | backend selection (random slot, session affinity)         |
 //! | `nat`       | DNAT/SNAT/reverse rewrites, FIB lookup + redirect         |
+//! | `reject`    | E1: TCP reset / ICMP port unreachable for empty services  |
 //! | `ingress`   | the ingress pipeline (pod and uplink)                     |
 //! | `egress`    | the egress pipeline (reverse NAT of replies)              |
+//! | `sock`      | F2: socket-level LB for the node's own processes (cgroup) |
 #![no_std]
 #![no_main]
 
@@ -26,7 +28,9 @@ mod ingress;
 mod maps;
 mod nat;
 mod parse;
+mod reject;
 mod service;
+mod sock;
 mod stats;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
