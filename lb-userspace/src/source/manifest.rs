@@ -481,6 +481,8 @@ fn typed<T: DeserializeOwned>(
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests {
     use super::*;
 

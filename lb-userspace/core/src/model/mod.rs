@@ -60,6 +60,14 @@ pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
 pub const PROXY_LABEL_SELECTOR: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
+/// Most frontends (ports x addresses, plus node ports) one Service may
+/// have: a Service with 100k externalIPs or 10k ports is rejected as a
+/// whole, not allowed to fill LB_SERVICES (131,072 entries) for everyone.
+pub const MAX_FRONTENDS_PER_SERVICE: usize = 4096;
+/// Most loadBalancerSourceRanges one Service may have (LB_SOURCE_RANGES holds
+/// 65,536 for all).
+pub const MAX_SOURCE_RANGES_PER_SERVICE: usize = 1024;
+
 /// F8: sessionAffinityConfig.clientIP.timeoutSeconds default and bounds.
 pub const DEFAULT_AFFINITY_TIMEOUT_SEC: u32 = 10_800;
 pub const MAX_AFFINITY_TIMEOUT_SEC: u32 = 86_400;

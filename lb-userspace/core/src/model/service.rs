@@ -12,7 +12,8 @@ use lb_common::{service_flags, MAX_NAME_LEN, MAX_PORT_NAME_LEN};
 
 use super::{
     is_foreign, port_number, quoted, ObjectError, ObjectKind, ObjectRef, Reporter,
-    DEFAULT_AFFINITY_TIMEOUT_SEC, MAX_AFFINITY_TIMEOUT_SEC,
+    DEFAULT_AFFINITY_TIMEOUT_SEC, MAX_AFFINITY_TIMEOUT_SEC, MAX_FRONTENDS_PER_SERVICE,
+    MAX_SOURCE_RANGES_PER_SERVICE,
 };
 use crate::desired::{Frontend, FrontendKind, Protocol, ServiceRef};
 
@@ -461,6 +462,31 @@ fn parse(svc: &Service, r: &mut Reporter) -> Option<ServiceInfo> {
                 ),
             }
         }
+    }
+
+    // Bounds: one Service must not take the map space of all the others.
+    let addresses = cluster_ips.len() + external_ips.len() + lb_ips.len();
+    let node_ports = ports.iter().filter(|p| p.node_port.is_some()).count();
+    let frontends = ports.len() * addresses + node_ports;
+    if frontends > MAX_FRONTENDS_PER_SERVICE {
+        r.error(
+            "spec",
+            None,
+            format!(
+                "{} ports x {addresses} addresses (cluster IPs, externalIPs, LoadBalancer IPs) = {frontends} frontends, more than the {MAX_FRONTENDS_PER_SERVICE} one Service may have; not programmed",
+                ports.len()
+            ),
+        );
+        return None;
+    }
+    if source_ranges.len() > MAX_SOURCE_RANGES_PER_SERVICE {
+        // Fail closed: the Service is not exposed at all.
+        r.error(
+            "spec.loadBalancerSourceRanges",
+            Some(source_ranges.len().to_string()),
+            format!("more than {MAX_SOURCE_RANGES_PER_SERVICE} ranges; not programmed"),
+        );
+        return None;
     }
 
     Some(ServiceInfo {

@@ -739,6 +739,39 @@ fn one_address_listed_twice_by_one_port_is_one_frontend() {
 }
 
 #[test]
+fn a_service_too_big_for_its_share_of_the_maps_is_rejected_alone() {
+    // 5,000 externalIPs on one port: 5,001 frontends.
+    let ips: Vec<String> = (0..5000)
+        .map(|i| format!("203.0.{}.{}", i / 250, i % 250 + 1))
+        .collect();
+    let big = svc(
+        "big",
+        &format!(
+            "clusterIP: 10.96.0.20, externalIPs: [{}], ports: [{{port: 80}}]",
+            ips.join(", ")
+        ),
+    );
+    // 5,000 ports.
+    let ports: Vec<String> = (1..=5000)
+        .map(|p| format!("{{name: p{p}, port: {p}}}"))
+        .collect();
+    let wide = svc(
+        "wide",
+        &format!("clusterIP: 10.96.0.21, ports: [{}]", ports.join(", ")),
+    );
+    let out = run(&(big + &wide + &svc("web", WEB)));
+    assert_eq!(
+        errors(&out),
+        vec![
+            "Service default/big: spec: 1 ports x 5001 addresses (cluster IPs, externalIPs, LoadBalancer IPs) = 5001 frontends, more than the 4096 one Service may have; not programmed",
+            "Service default/wide: spec: 5000 ports x 1 addresses (cluster IPs, externalIPs, LoadBalancer IPs) = 5000 frontends, more than the 4096 one Service may have; not programmed",
+        ]
+    );
+    assert_eq!(out.state.services.len(), 1);
+    get(&out, "web", "http", TCP);
+}
+
+#[test]
 fn names_longer_than_kubernetes_allows_are_rejected() {
     let long = "x".repeat(64);
     let out = run(&(svc(&long, WEB)
