@@ -8,7 +8,10 @@ use lb_common::{
     StatReason, LOCAL_SLOT_BASE,
 };
 
-use crate::maps::{LB_AFFINITY, LB_BACKENDS, LB_BACKEND_SLOTS};
+use crate::{
+    maps::{LB_AFFINITY, LB_BACKENDS, LB_BACKEND_SLOTS},
+    stats::count,
+};
 
 #[inline(always)]
 fn backend(id: u32) -> Option<BackendValue> {
@@ -17,19 +20,35 @@ fn backend(id: u32) -> Option<BackendValue> {
 }
 
 /// The backend `client` used before, if the affinity entry is younger than
-/// the service's timeout and the backend still exists.
+/// the service's timeout and its backend is, right now, a usable endpoint
+/// of this service port in the set in use (C6: backend ids are reused, and
+/// a backend can leave the set while the entry lives). A live entry that
+/// fails the check counts `affinity_stale`; the caller picks anew and
+/// overwrites it.
 #[inline(always)]
-fn affinity(key: &AffinityKey, timeout_sec: u32, now: u64) -> Option<(u32, BackendValue)> {
+fn affinity(
+    key: &AffinityKey,
+    svc: &ServiceValue,
+    local: bool,
+    now: u64,
+) -> Option<(u32, BackendValue)> {
     // SAFETY: a valid map value pointer; copied out at once.
     let a: AffinityValue = LB_AFFINITY.get_ptr(key).map(|p| unsafe { *p })?;
-    if now.saturating_sub(a.last_used_ns) > u64::from(timeout_sec) * 1_000_000_000 {
+    if now.saturating_sub(a.last_used_ns) > u64::from(svc.affinity_timeout_sec) * 1_000_000_000 {
         return None;
     }
-    backend(a.backend_id).map(|b| (a.backend_id, b))
+    match backend(a.backend_id) {
+        Some(b) if b.serves(svc.service_id, local) => Some((a.backend_id, b)),
+        _ => {
+            count(StatReason::AffinityStale);
+            None
+        }
+    }
 }
 
-/// Chooses the backend of a new flow from `svc`'s set starting at slot
-/// `base` with `count` (> 0) members.
+/// Chooses the backend of a new flow from `svc`'s node-local set (`local`)
+/// or its cluster-wide set. The caller has checked that the set is not
+/// empty (an empty one is E1's reject or E2's drop).
 #[inline(always)]
 pub fn select(
     svc: &ServiceValue,
@@ -52,7 +71,7 @@ pub fn select(
         service_id: svc.service_id,
     };
     let previous = if sticky {
-        affinity(&akey, svc.affinity_timeout_sec, now)
+        affinity(&akey, svc, local, now)
     } else {
         None
     };

@@ -52,11 +52,14 @@ pub fn expired(cfg: &DatapathConfig, proto: u8, entry: &ConntrackEntry, now: u64
     now.saturating_sub(entry.last_seen_ns) > cfg.ct_lifetime_ns(proto, entry.flags)
 }
 
-/// A UDP flow whose backend is gone (or whose backend id now names another
-/// endpoint) must move to a live backend at once (SEMANTICS E4: no UDP flow
-/// stays black-holed). TCP flows keep their backend, as with kube-proxy.
+/// A UDP flow whose backend left its service port must move to a live
+/// backend at once (SEMANTICS E4: no UDP flow stays black-holed): the
+/// backend id is gone, names another endpoint now (ids are reused), or is
+/// no longer a member of the flow's service port (in neither set). TCP
+/// flows keep their backend, as with kube-proxy (an established connection
+/// would only be reset by another backend).
 #[inline(always)]
-pub fn backend_gone(proto: u8, entry: &ConntrackEntry) -> bool {
+pub fn flow_moved(proto: u8, entry: &ConntrackEntry) -> bool {
     if proto != PROTO_UDP {
         return false;
     }
@@ -64,10 +67,19 @@ pub fn backend_gone(proto: u8, entry: &ConntrackEntry) -> bool {
         // SAFETY: a valid map value pointer; copied out at once.
         Some(b) => {
             let b: BackendValue = unsafe { *b };
-            b.addr != entry.nat_addr || b.port != entry.nat_port
+            b.addr != entry.nat_addr || b.port != entry.nat_port || !b.member_of(entry.service_id)
         }
         None => true,
     }
+}
+
+/// Whether `port` (network order) lies in the SNAT port range: every reply
+/// of a SNAT'ed flow is addressed to such a port, so only those packets
+/// need the REPLY lookup of the ingress pipeline.
+#[inline(always)]
+pub fn in_snat_range(cfg: &DatapathConfig, port: u16) -> bool {
+    let p = u16::from_be(port);
+    p >= cfg.snat_port_min && p <= cfg.snat_port_max
 }
 
 /// Conntrack bits a TCP packet's flags set, in either direction.

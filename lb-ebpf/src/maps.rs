@@ -117,6 +117,5 @@ pub fn config() -> DatapathConfig {
 #[inline(always)]
 pub fn keep_unread_maps() {
     core::hint::black_box(core::ptr::addr_of!(LB_SERVICE_NAMES));
-    core::hint::black_box(core::ptr::addr_of!(LB_SOURCE_RANGES));
     core::hint::black_box(core::ptr::addr_of!(LB_SOCK_REVNAT));
 }

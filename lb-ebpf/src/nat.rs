@@ -1,7 +1,10 @@
-//! Packet rewrites (DNAT, SNAT, reverse NAT) and the FIB redirect used for
-//! packets the stack must not see with a rewritten source (SNAT'ed NodePort
-//! flows to remote backends: their source is the node's own address, which
-//! the stack would drop as martian).
+//! Packet rewrites (DNAT, SNAT, reverse NAT) and the two ways the datapath
+//! forwards a packet itself, for packets the stack must not see with a
+//! rewritten source (SNAT'ed flows: their source is the node's own address,
+//! which the stack would drop as martian, or the hairpin address):
+//! [`fib_redirect`] (FIB lookup, then out of the interface the route names)
+//! and [`reflect`] (straight back out of the interface the packet came in
+//! on: M4 hairpin).
 
 use aya_ebpf::{
     bindings::{
@@ -125,4 +128,40 @@ pub fn fib_redirect(ctx: &TcContext, pkt: &Packet) -> i32 {
         } as i32;
     }
     drop(StatReason::DropFibFailed)
+}
+
+/// M4 hairpin: sends a translated packet straight back out of the interface
+/// it came in on, to the pod that sent it (a pod that reached itself
+/// through its Service, or its answer to the hairpin address).
+///
+/// Why not `fib_redirect`: the destination is the sender itself, and the
+/// frame it sent already holds both Ethernet addresses the answer needs
+/// (its own, and its gateway's). Swapping them and redirecting to the same
+/// interface works for every CNI layout (a cni0 bridge, or routed veths
+/// with a proxy-ARP gateway as Calico does), needs no route, no neighbour
+/// entry and no forwarding sysctl, and never crosses the bridge or
+/// netfilter. The TTL is lowered as a router would (the pod sees its
+/// packet come back from its gateway).
+#[inline(always)]
+pub fn reflect(ctx: &TcContext, pkt: &Packet) -> i32 {
+    if pkt.ttl_proto.to_ne_bytes()[0] <= 1 {
+        return drop(StatReason::DropFibFailed);
+    }
+    if decrement_ttl(ctx, pkt.ttl_proto).is_err() {
+        return drop(StatReason::DropRewriteFailed);
+    }
+    let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
+        return drop(StatReason::DropRewriteFailed);
+    };
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&macs[6..]);
+    swapped[6..].copy_from_slice(&macs[..6]);
+    if ctx.store(0, &swapped, 0).is_err() {
+        return drop(StatReason::DropRewriteFailed);
+    }
+    count(StatReason::Redirected);
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: no preconditions.
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
 }

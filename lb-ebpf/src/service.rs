@@ -1,10 +1,14 @@
 //! Frontend lookup: at most two hash lookups (three with the node-address
-//! check), whatever the number of services.
+//! check), whatever the number of services; the F7 source-range check (one
+//! LPM trie lookup); the SNAT source of a flow from an uplink.
 
-use lb_common::{ServiceKey, ServiceValue, SCOPE_EXACT, SCOPE_NODEPORT};
+use aya_ebpf::btf_maps::lpm_trie::Key;
+use lb_common::{
+    service_flags, ServiceKey, ServiceValue, SourceRangeKey, SCOPE_EXACT, SCOPE_NODEPORT,
+};
 
 use crate::{
-    maps::{LB_NODE_ADDRS, LB_SERVICES, LB_UPLINK_ADDRS},
+    maps::{LB_NODE_ADDRS, LB_SERVICES, LB_SOURCE_RANGES, LB_UPLINK_ADDRS},
     parse::Packet,
 };
 
@@ -20,20 +24,28 @@ fn get(key: &ServiceKey) -> Option<ServiceValue> {
 /// addresses (SEMANTICS F4). TCP and UDP are separate keys (F9).
 #[inline(always)]
 pub fn lookup(pkt: &Packet) -> Option<ServiceValue> {
+    lookup_dest(pkt.daddr, pkt.dport, pkt.proto)
+}
+
+/// [`lookup`] by destination (address and port in network order, IP
+/// protocol): also what the socket hooks (`sock`) look up, so both paths
+/// match frontends by the same rules.
+#[inline(always)]
+pub fn lookup_dest(daddr: u32, dport: u16, proto: u8) -> Option<ServiceValue> {
     let exact = ServiceKey {
-        addr: pkt.daddr,
-        port: pkt.dport,
-        proto: pkt.proto,
+        addr: daddr,
+        port: dport,
+        proto,
         scope: SCOPE_EXACT,
     };
     if let Some(v) = get(&exact) {
         return Some(v);
     }
-    LB_NODE_ADDRS.get_ptr(pkt.daddr)?;
+    LB_NODE_ADDRS.get_ptr(daddr)?;
     get(&ServiceKey {
         addr: 0,
-        port: pkt.dport,
-        proto: pkt.proto,
+        port: dport,
+        proto,
         scope: SCOPE_NODEPORT,
     })
 }
@@ -52,4 +64,22 @@ pub fn snat_source(pkt: &Packet, ifindex: u32) -> Option<u32> {
     LB_UPLINK_ADDRS
         .get_ptr(ifindex)
         .map(|a| unsafe { (*a).addr })
+}
+
+/// F7 loadBalancerSourceRanges: whether a new flow from `saddr` may use
+/// frontend `svc`. Only LoadBalancer frontends whose ranges are programmed
+/// (`SOURCE_RANGES`) are filtered; the NodePort, ClusterIP and externalIP
+/// frontends of the same port are not (kube-proxy's firewall chain hangs
+/// off the LB IP rules only). One LPM lookup: (service id, source/32).
+#[inline(always)]
+pub fn source_allowed(svc: &ServiceValue, saddr: u32) -> bool {
+    let filtered = service_flags::LOAD_BALANCER | service_flags::SOURCE_RANGES;
+    if svc.flags & filtered != filtered {
+        return true;
+    }
+    let key = Key::new(
+        SourceRangeKey::prefix_len(32),
+        SourceRangeKey::new(svc.service_id, saddr),
+    );
+    LB_SOURCE_RANGES.get(&key).is_some()
 }

@@ -11,14 +11,15 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfLoader, Pod};
 use lb_common::{
     backend_flags, ipv4_to_net, map_names, port_to_net, program_names, service_flags, AffinityKey,
     AffinityValue, BackendSlot, BackendSlotKey, BackendValue, ConntrackEntry, ConntrackKey,
-    DatapathConfig, NodeAddrValue, ServiceKey, ServiceValue, StatReason, UplinkAddr,
-    DATAPATH_CONFIG_GLOBAL, LOCAL_SLOT_BASE, SCOPE_EXACT, SCOPE_NODEPORT, STAT_COUNT,
+    DatapathConfig, NodeAddrValue, ServiceKey, ServiceValue, SourceRangeKey, StatReason,
+    UplinkAddr, DATAPATH_CONFIG_GLOBAL, LOCAL_SLOT_BASE, SCOPE_EXACT, SCOPE_NODEPORT, STAT_COUNT,
 };
 
 use crate::artifacts;
@@ -67,6 +68,10 @@ pub struct ServiceEntry {
     pub vip: Option<SocketAddrV4>,
     /// The NodePort frontend, if any.
     pub node_port: Option<u16>,
+    /// spec.externalIPs frontends (written with `EXTERNAL_IP`).
+    pub external_ips: Vec<SocketAddrV4>,
+    /// status.loadBalancer.ingress frontends (written with `LOAD_BALANCER`).
+    pub lb_ips: Vec<SocketAddrV4>,
     /// `service_flags::*`.
     pub flags: u16,
     pub affinity_timeout_sec: u32,
@@ -82,6 +87,8 @@ impl ServiceEntry {
             proto,
             vip: Some(vip),
             node_port: None,
+            external_ips: Vec::new(),
+            lb_ips: Vec::new(),
             flags: service_flags::CLUSTER_IP,
             affinity_timeout_sec: 0,
             cluster: backends,
@@ -322,13 +329,52 @@ impl Datapath {
         if let Some(vip) = svc.vip {
             self.add_frontend(exact_key(vip, svc.proto), value);
         }
+        // The other kinds carry the port's flags with their own kind bit.
+        let kind = |k: u16| ServiceValue {
+            flags: (svc.flags & !service_flags::CLUSTER_IP) | k,
+            ..value
+        };
         if let Some(port) = svc.node_port {
-            let value = ServiceValue {
-                flags: (svc.flags & !service_flags::CLUSTER_IP) | service_flags::NODE_PORT,
-                ..value
-            };
-            self.add_frontend(node_port_key(port, svc.proto), value);
+            self.add_frontend(
+                node_port_key(port, svc.proto),
+                kind(service_flags::NODE_PORT),
+            );
         }
+        for a in &svc.external_ips {
+            self.add_frontend(exact_key(*a, svc.proto), kind(service_flags::EXTERNAL_IP));
+        }
+        for a in &svc.lb_ips {
+            self.add_frontend(exact_key(*a, svc.proto), kind(service_flags::LOAD_BALANCER));
+        }
+    }
+
+    fn source_ranges(&mut self) -> LpmTrie<&mut MapData, SourceRangeKey, u8> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::SOURCE_RANGES)
+            .expect("no source ranges map");
+        LpmTrie::try_from(map).unwrap()
+    }
+
+    fn range_key(service_id: u32, net: Ipv4Addr, len: u32) -> LpmKey<SourceRangeKey> {
+        LpmKey::new(
+            SourceRangeKey::prefix_len(len),
+            SourceRangeKey::new(service_id, ipv4_to_net(net.octets())),
+        )
+    }
+
+    /// F7: allows sources in `net`/`len` on the LoadBalancer frontends of
+    /// service port `service_id`, as the planner writes a range.
+    pub fn add_source_range(&mut self, service_id: u32, net: Ipv4Addr, len: u32) {
+        self.source_ranges()
+            .insert(&Self::range_key(service_id, net, len), 1, 0)
+            .unwrap();
+    }
+
+    pub fn remove_source_range(&mut self, service_id: u32, net: Ipv4Addr, len: u32) {
+        self.source_ranges()
+            .remove(&Self::range_key(service_id, net, len))
+            .unwrap();
     }
 
     // ---- reads

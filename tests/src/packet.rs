@@ -90,6 +90,8 @@ pub enum L4 {
         ack: u32,
         flags: u8,
         window: u16,
+        /// TCP options (padded to a multiple of 4 bytes by the builder).
+        options: Vec<u8>,
         payload: Vec<u8>,
     },
     Udp {
@@ -101,6 +103,14 @@ pub enum L4 {
     },
     /// ICMP echo request.
     IcmpEcho { id: u16, seq: u16, payload: Vec<u8> },
+    /// An ICMP error (destination unreachable, time exceeded, ...): type,
+    /// code, the 4-byte rest of the header, and the quoted datagram.
+    IcmpError {
+        icmp_type: u8,
+        code: u8,
+        rest: [u8; 4],
+        quote: Vec<u8>,
+    },
     /// Anything else, bytes as given.
     Raw { proto: u8, bytes: Vec<u8> },
 }
@@ -143,7 +153,7 @@ impl Ipv4Frame {
         match &self.l4 {
             L4::Tcp { .. } => PROTO_TCP,
             L4::Udp { .. } => PROTO_UDP,
-            L4::IcmpEcho { .. } => PROTO_ICMP,
+            L4::IcmpEcho { .. } | L4::IcmpError { .. } => PROTO_ICMP,
             L4::Raw { proto, .. } => *proto,
         }
     }
@@ -197,6 +207,32 @@ impl Ipv4Frame {
         self
     }
 
+    /// The same TCP segment with other sequence and acknowledgment numbers.
+    pub fn with_seq_ack(mut self, s: u32, a: u32) -> Self {
+        if let L4::Tcp { seq, ack, .. } = &mut self.l4 {
+            *seq = s;
+            *ack = a;
+        }
+        self
+    }
+
+    /// The same TCP/UDP packet with another payload.
+    pub fn with_payload(mut self, p: &[u8]) -> Self {
+        match &mut self.l4 {
+            L4::Tcp { payload, .. } | L4::Udp { payload, .. } => *payload = p.to_vec(),
+            _ => {}
+        }
+        self
+    }
+
+    /// The same TCP segment with TCP options.
+    pub fn with_tcp_options(mut self, o: &[u8]) -> Self {
+        if let L4::Tcp { options, .. } = &mut self.l4 {
+            *options = o.to_vec();
+        }
+        self
+    }
+
     pub fn with_ttl(mut self, ttl: u8) -> Self {
         self.ttl = ttl;
         self
@@ -219,17 +255,21 @@ impl Ipv4Frame {
                 ack,
                 flags,
                 window,
+                options,
                 payload,
             } => {
-                let mut b = Vec::with_capacity(20 + payload.len());
+                let olen = options.len().div_ceil(4) * 4;
+                let mut b = Vec::with_capacity(20 + olen + payload.len());
                 b.extend_from_slice(&sport.to_be_bytes());
                 b.extend_from_slice(&dport.to_be_bytes());
                 b.extend_from_slice(&seq.to_be_bytes());
                 b.extend_from_slice(&ack.to_be_bytes());
-                b.push(5 << 4);
+                b.push((((20 + olen) / 4) as u8) << 4);
                 b.push(*flags);
                 b.extend_from_slice(&window.to_be_bytes());
                 b.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+                b.extend_from_slice(options);
+                b.resize(20 + olen, 0);
                 b.extend_from_slice(payload);
                 let c = l4_checksum(src, dst, PROTO_TCP, &b);
                 b[16..18].copy_from_slice(&c.to_be_bytes());
@@ -262,6 +302,19 @@ impl Ipv4Frame {
                 b.extend_from_slice(&id.to_be_bytes());
                 b.extend_from_slice(&seq.to_be_bytes());
                 b.extend_from_slice(payload);
+                let c = internet_checksum(&b);
+                b[2..4].copy_from_slice(&c.to_be_bytes());
+                b
+            }
+            L4::IcmpError {
+                icmp_type,
+                code,
+                rest,
+                quote,
+            } => {
+                let mut b = vec![*icmp_type, *code, 0, 0];
+                b.extend_from_slice(rest);
+                b.extend_from_slice(quote);
                 let c = internet_checksum(&b);
                 b[2..4].copy_from_slice(&c.to_be_bytes());
                 b
@@ -311,6 +364,7 @@ pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Ipv4Frame {
             ack: if flags & TCP_ACK != 0 { 0x0a0b_0c0d } else { 0 },
             flags,
             window: 64240,
+            options: Vec::new(),
             payload: if flags & TCP_SYN != 0 {
                 Vec::new()
             } else {
@@ -352,6 +406,22 @@ pub fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr) -> Ipv4Frame {
             id: 0x4242,
             seq: 1,
             payload: b"ping".to_vec(),
+        },
+    )
+}
+
+/// An ICMP destination unreachable / port unreachable (type 3, code 3) from
+/// `src` to `dst` quoting `quote` (the offending IPv4 header and the first
+/// 8 bytes of its payload).
+pub fn icmp_port_unreachable(src: Ipv4Addr, dst: Ipv4Addr, quote: &[u8]) -> Ipv4Frame {
+    Ipv4Frame::new(
+        src,
+        dst,
+        L4::IcmpError {
+            icmp_type: 3,
+            code: 3,
+            rest: [0; 4],
+            quote: quote.to_vec(),
         },
     )
 }
@@ -459,8 +529,9 @@ impl Checksum {
     }
 }
 
-/// Recomputes from scratch the IPv4 header checksum and the TCP/UDP checksum
-/// of an Ethernet/IPv4 frame (any IHL; TCP/UDP only when not a fragment).
+/// Recomputes from scratch the IPv4 header checksum and the TCP/UDP/ICMP
+/// checksum of an Ethernet/IPv4 frame (any IHL; the L4 checksum only when
+/// not a fragment).
 /// UDP with checksum 0 is reported as computed 0 (no checksum).
 pub fn recompute_checksums(frame: &[u8]) -> Vec<Checksum> {
     let mut out = Vec::new();
@@ -501,6 +572,17 @@ pub fn recompute_checksums(frame: &[u8]) -> Vec<Checksum> {
                 offset: ETH_HLEN + hlen + 16,
                 found,
                 computed: l4_checksum(src, dst, PROTO_TCP, &l4),
+            });
+        }
+        PROTO_ICMP if l4.len() >= 4 => {
+            let found = u16::from_be_bytes([l4[2], l4[3]]);
+            l4[2] = 0;
+            l4[3] = 0;
+            out.push(Checksum {
+                what: "icmp",
+                offset: ETH_HLEN + hlen + 2,
+                found,
+                computed: internet_checksum(&l4),
             });
         }
         PROTO_UDP if l4.len() >= 8 => {
@@ -625,6 +707,15 @@ mod tests {
             udp(c, s).build(),
             udp_no_checksum(c, s).build(),
             icmp_echo(*c.ip(), *s.ip()).build(),
+            tcp(c, s, TCP_SYN)
+                .with_tcp_options(&[2, 4, 5, 0xb4, 1, 1, 4, 2])
+                .build(),
+            icmp_port_unreachable(
+                *s.ip(),
+                *c.ip(),
+                &udp(c, s).build()[ETH_HLEN..ETH_HLEN + 28],
+            )
+            .build(),
         ] {
             assert_checksums(&f);
             assert!(!recompute_checksums(&f).is_empty());

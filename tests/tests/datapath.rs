@@ -18,10 +18,10 @@ use std::process::Command;
 
 use aya::maps::{Map, MapType};
 use lb_common::{
-    ct_flags, ipv4_to_net, map_names, program_names, service_flags, AffinityKey, AffinityValue,
-    ConntrackEntry, ConntrackKey, DatapathConfig, ServiceValue, StatReason, CT_DIR_FORWARD,
-    CT_DIR_REPLY, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_NODE_ADDRS,
-    MAX_SERVICES, PROTO_TCP, PROTO_UDP, STAT_COUNT,
+    backend_flags, ct_flags, ipv4_to_net, map_names, program_names, service_flags, AffinityKey,
+    AffinityValue, ConntrackEntry, ConntrackKey, DatapathConfig, ServiceValue, StatReason,
+    CT_DIR_FORWARD, CT_DIR_REPLY, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_CONNTRACK,
+    MAX_NODE_ADDRS, MAX_SERVICES, PROTO_TCP, PROTO_UDP, STAT_COUNT,
 };
 use lb_tests::datapath::{exact_key, BackendEntry, Datapath, ServiceEntry};
 use lb_tests::netns::in_private_netns;
@@ -924,14 +924,15 @@ fn conntrack_lifetimes_come_from_lb_config() {
                 ct_udp_ns: udp_ns,
                 ..DatapathConfig::DEFAULT
             });
-            // Both backends exist; the service now only has `new`.
+            // Both backends are members of the port; its only slot holds
+            // `new`, so a re-created flow lands there.
             dp.add_service(&ServiceEntry::cluster_ip(
                 7,
                 sa(dns),
                 PROTO_UDP,
                 vec![be(71, new)],
             ));
-            dp.add_backend(70, sa(old), PROTO_UDP, 0);
+            dp.put_backend(70, sa(old), PROTO_UDP, backend_flags::IN_CLUSTER_SET, 7);
             let fkey = ct_key(sa(CLIENT), sa(dns), PROTO_UDP, CT_DIR_FORWARD);
             dp.ct_insert(
                 fkey,
@@ -980,17 +981,21 @@ fn e4_udp_flow_to_a_removed_backend_moves_at_once() {
         assert_frame_eq(&r.out, &q.clone().with_destination(sa(a)).build());
 
         // The agent replaces the endpoint: new slot, then the old backend goes.
-        dp.add_backend(71, sa(b), PROTO_UDP, 0);
+        dp.put_backend(71, sa(b), PROTO_UDP, backend_flags::IN_CLUSTER_SET, 7);
         dp.set_slot(7, 0, 71);
         dp.remove_backend(70);
         let r = dp.run(POD_INGRESS, &q.build());
         assert_eq!(r.ret, TC_ACT_OK);
         assert_frame_eq(&r.out, &q.clone().with_destination(sa(b)).build());
         assert_eq!(backend_of(&mut dp, sa(CLIENT), sa(dns), PROTO_UDP), sa(b));
+        // And it stays there.
+        let r = dp.run(POD_INGRESS, &q.build());
+        assert_frame_eq(&r.out, &q.clone().with_destination(sa(b)).build());
         dp.assert_stats(&[
-            (StatReason::Packets, 2),
+            (StatReason::Packets, 3),
             (StatReason::NewFlow, 2),
-            (StatReason::ConntrackExpired, 1),
+            (StatReason::FlowMoved, 1),
+            (StatReason::ForwardTranslated, 1),
         ]);
     });
 }
@@ -1198,11 +1203,12 @@ fn f8_session_affinity_reuses_the_backend() {
         let id = dp.affinity().get(&akey, 0).unwrap().backend_id;
         assert_eq!(dp.backends().get(&id, 0).unwrap().addr, net(*first.ip()));
 
-        // Backend 50 exists but is in no slot: a flow reaches it only
-        // through the affinity entry. A fresh entry is honoured; one older
-        // than the timeout (1 s here) is not; nor one whose backend is gone.
+        // Backend 50 is a member of the port's cluster-wide set but sits in
+        // no slot: a flow reaches it only through the affinity entry. A
+        // fresh entry is honoured; one older than the timeout (1 s here) is
+        // not; nor one whose backend is gone (C6, counted affinity_stale).
         let odd = sa("10.244.50.50:8080");
-        dp.add_backend(50, odd, PROTO_TCP, 0);
+        dp.put_backend(50, odd, PROTO_TCP, backend_flags::IN_CLUSTER_SET, 1);
         s.affinity_timeout_sec = 1;
         dp.add_service(&s);
         let now = boot_ns();
@@ -1235,20 +1241,22 @@ fn f8_session_affinity_reuses_the_backend() {
                 assert!((11..15).contains(&a.backend_id), "{}", a.backend_id);
             }
         }
-        dp.assert_stats(&[(StatReason::Packets, 33), (StatReason::NewFlow, 33)]);
+        dp.assert_stats(&[
+            (StatReason::Packets, 33),
+            (StatReason::NewFlow, 33),
+            (StatReason::AffinityStale, 1),
+        ]);
     });
 }
 
+/// A port whose count promises backends the maps do not hold (the agent is
+/// mid-update, or a bug): dropped and counted, never rejected (E1 rejects
+/// only a port with no endpoint at all; see the e1_* tests).
 #[test]
-fn e1_service_without_backends_drops() {
+fn slot_or_backend_missing_drops() {
     require_privileges!();
     in_private_netns(|| {
         let mut dp = Datapath::load();
-        dp.add_service(&ServiceEntry::cluster_ip(1, sa(VIP), PROTO_TCP, vec![]));
-        let f = tcp(sa(CLIENT), sa(VIP), TCP_SYN).build();
-        let r = dp.run(POD_INGRESS, &f);
-        assert_eq!(r.ret, TC_ACT_SHOT);
-        assert!(dp.ct_all().is_empty());
         // A slot pointing at a backend that does not exist (agent mid-update).
         let mut s = ServiceEntry::cluster_ip(2, sa("10.96.0.20:80"), PROTO_TCP, vec![]);
         s.cluster.push(be(77, BACKEND_1));
@@ -1271,8 +1279,7 @@ fn e1_service_without_backends_drops() {
         assert_eq!(r.ret, TC_ACT_SHOT);
         assert!(dp.ct_all().is_empty());
         dp.assert_stats(&[
-            (StatReason::Packets, 3),
-            (StatReason::DropNoBackend, 1),
+            (StatReason::Packets, 2),
             (StatReason::DropBackendMissing, 2),
         ]);
     });
@@ -1786,5 +1793,1251 @@ fn ttl_is_not_touched_when_the_stack_forwards() {
             dp.ct_all().iter().map(|(k, _)| k.proto).collect::<Vec<_>>(),
             vec![PROTO_TCP, PROTO_TCP]
         );
+    });
+}
+
+// ---------------------------------------------------------------------------
+// E1: no endpoint at all -> reset / port unreachable; E2: drop
+// ---------------------------------------------------------------------------
+
+/// The reset lb sends `client` from `frontend` (tcp_v4_send_reset's shape):
+/// Ethernet addresses of the offending frame swapped, IPv4 id 0 with DF,
+/// TTL 64, no options, no payload, window 0.
+fn reset_frame(
+    frontend: SocketAddrV4,
+    client: SocketAddrV4,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+) -> Ipv4Frame {
+    let mut f = tcp(frontend, client, flags)
+        .with_seq_ack(seq, ack)
+        .with_payload(&[])
+        .with_macs(MAC_A, MAC_B);
+    if let packet::L4::Tcp { window, .. } = &mut f.l4 {
+        *window = 0;
+    }
+    f.id = 0;
+    f.frag = 0x4000;
+    f.ttl = 64;
+    f.tos = 0;
+    f
+}
+
+/// The reset the kernel would send for `sent` (a frame built by `tcp()`
+/// and friends), from the address it was sent to.
+fn reset_for(sent: &Ipv4Frame) -> Ipv4Frame {
+    let packet::L4::Tcp {
+        seq,
+        ack,
+        flags,
+        payload,
+        ..
+    } = &sent.l4
+    else {
+        panic!("not TCP");
+    };
+    let (src, dst) = (sent.destination(), sent.source());
+    if flags & TCP_ACK != 0 {
+        reset_frame(src, dst, *ack, 0, TCP_RST)
+    } else {
+        let n = u32::from(flags & TCP_SYN != 0)
+            + u32::from(flags & TCP_FIN != 0)
+            + payload.len() as u32;
+        reset_frame(src, dst, 0, seq.wrapping_add(n), TCP_RST | TCP_ACK)
+    }
+}
+
+/// The ICMP port unreachable lb sends for the UDP frame `sent`: from the
+/// address it was sent to, quoting its IPv4 header and UDP header byte for
+/// byte; TOS 0xc0 as the kernel's ICMP errors, id 0, DF, TTL 64.
+fn unreachable_for(sent: &[u8]) -> Ipv4Frame {
+    let t = tuple(sent);
+    let mut f = icmp_port_unreachable(*t.dst.ip(), *t.src.ip(), &sent[off::IP..off::L4 + 8])
+        .with_macs(MAC_A, MAC_B);
+    f.id = 0;
+    f.frag = 0x4000;
+    f.ttl = 64;
+    f.tos = 0xc0;
+    f
+}
+
+#[test]
+fn e1_tcp_syn_to_a_port_without_endpoints_gets_a_reset() {
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        dp.add_service(&ServiceEntry::cluster_ip(1, sa(VIP), PROTO_TCP, vec![]));
+        // A SYN as Linux sends it: MSS, SACK permitted, timestamps, wscale.
+        let syn = tcp(sa(CLIENT), sa(VIP), TCP_SYN).with_tcp_options(&[
+            2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+        ]);
+        let sent = syn.build();
+        assert_eq!(sent.len(), 74);
+        let r = dp.run(POD_INGRESS, &sent);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        // RST|ACK from the ClusterIP, seq 0, ack = the SYN's seq + 1: the
+        // client's connect() fails with ECONNREFUSED at once.
+        let want = reset_frame(sa(VIP), sa(CLIENT), 0, 0x0102_0305, TCP_RST | TCP_ACK);
+        assert_eq!(r.out.len(), 54, "options must be trimmed");
+        assert_frame_eq(&r.out, &want.build());
+        assert!(dp.ct_all().is_empty());
+        dp.assert_stats(&[(StatReason::Packets, 1), (StatReason::RejectNoEndpoint, 1)]);
+    });
+}
+
+#[test]
+fn e1_reset_sequence_numbers_follow_tcp_v4_send_reset() {
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        dp.add_service(&ServiceEntry::cluster_ip(1, sa(VIP), PROTO_TCP, vec![]));
+        let (c, v) = (sa(CLIENT), sa(VIP));
+        // (segment, expected seq, expected ack_seq, expected flags)
+        let cases = [
+            // Data with ACK: seq = its ack_seq, no ACK flag.
+            (
+                tcp(c, v, TCP_ACK | TCP_PSH).with_seq_ack(1000, 0xdead_beef),
+                0xdead_beef,
+                0,
+                TCP_RST,
+            ),
+            // A lone ACK (no payload).
+            (
+                tcp(c, v, TCP_ACK).with_payload(&[]).with_seq_ack(5, 77),
+                77,
+                0,
+                TCP_RST,
+            ),
+            // FIN|ACK with payload: still the ACK rule.
+            (
+                tcp(c, v, TCP_FIN | TCP_ACK).with_seq_ack(9, 10),
+                10,
+                0,
+                TCP_RST,
+            ),
+            // No ACK: seq 0, ack = seq + SYN + FIN + payload length.
+            (
+                tcp(c, v, TCP_PSH).with_seq_ack(1000, 0),
+                0,
+                1000 + 18,
+                TCP_RST | TCP_ACK,
+            ),
+            (
+                tcp(c, v, TCP_FIN)
+                    .with_payload(b"bye")
+                    .with_seq_ack(1000, 0),
+                0,
+                1000 + 1 + 3,
+                TCP_RST | TCP_ACK,
+            ),
+            (
+                tcp(c, v, TCP_SYN | TCP_FIN).with_seq_ack(1000, 0),
+                0,
+                1000 + 2,
+                TCP_RST | TCP_ACK,
+            ),
+            // Wrap-around of the sequence space.
+            (
+                tcp(c, v, TCP_SYN).with_seq_ack(0xffff_ffff, 0),
+                0,
+                0,
+                TCP_RST | TCP_ACK,
+            ),
+            // A SYN carrying data (TCP Fast Open style) and options.
+            (
+                tcp(c, v, TCP_SYN)
+                    .with_payload(&[7; 100])
+                    .with_tcp_options(&[2, 4, 5, 0xb4])
+                    .with_seq_ack(1, 0),
+                0,
+                1 + 1 + 100,
+                TCP_RST | TCP_ACK,
+            ),
+        ];
+        for (seg, seq, ack, flags) in &cases {
+            let sent = seg.build();
+            let r = dp.run(POD_INGRESS, &sent);
+            assert_eq!(r.ret, TC_ACT_REDIRECT);
+            let want = reset_frame(v, c, *seq, *ack, *flags);
+            assert_frame_eq(&r.out, &want.build());
+            // The independent rule of the helper agrees.
+            assert_frame_eq(&r.out, &reset_for(seg).build());
+        }
+        // The ECN bits of the offending TOS are not copied; the rest is.
+        let mut seg = tcp(c, v, TCP_SYN);
+        seg.tos = 0x2b;
+        let r = dp.run(POD_INGRESS, &seg.build());
+        let mut want = reset_for(&seg);
+        want.tos = 0x28;
+        assert_frame_eq(&r.out, &want.build());
+        let n = cases.len() as u64 + 1;
+        assert!(dp.ct_all().is_empty());
+        dp.assert_stats(&[(StatReason::Packets, n), (StatReason::RejectNoEndpoint, n)]);
+    });
+}
+
+#[test]
+fn e1_udp_to_a_port_without_endpoints_gets_port_unreachable() {
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        let dns = sa("10.96.0.10:53");
+        dp.add_service(&ServiceEntry::cluster_ip(7, dns, PROTO_UDP, vec![]));
+        let frames = [
+            // A DNS query (shorter than the answer: the packet grows).
+            udp(sa(CLIENT), dns).build(),
+            // No payload at all, and no checksum.
+            udp_no_checksum(sa(CLIENT), dns).with_payload(&[]).build(),
+            // A large datagram: trimmed to the quote.
+            udp(sa(CLIENT), dns).with_payload(&[0x5a; 1200]).build(),
+        ];
+        for sent in &frames {
+            let r = dp.run(POD_INGRESS, sent);
+            assert_eq!(r.ret, TC_ACT_REDIRECT);
+            assert_eq!(r.out.len(), 14 + 20 + 8 + 28);
+            assert_frame_eq(&r.out, &unreachable_for(sent).build());
+            // The quote is the datagram exactly as the client sent it:
+            // its kernel matches it to the socket (ECONNREFUSED).
+            assert_eq!(&r.out[off::L4 + 8..], &sent[off::IP..off::L4 + 8]);
+        }
+        assert!(dp.ct_all().is_empty());
+        dp.assert_stats(&[(StatReason::Packets, 3), (StatReason::RejectNoEndpoint, 3)]);
+    });
+}
+
+#[test]
+fn e1_reject_on_every_frontend_kind_from_both_hooks() {
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        dp.add_node_addr(NODE);
+        let ext_ip = sa("203.0.113.12:80");
+        let lb_ip = sa("203.0.113.20:80");
+        // Two ports of one Service (TCP and UDP), each with every kind of
+        // frontend and both traffic policies Local: with no endpoint at
+        // all, kube-proxy rejects on every frontend whatever the policy.
+        for (id, proto) in [(1, PROTO_TCP), (2, PROTO_UDP)] {
+            let mut s = ServiceEntry::cluster_ip(id, sa(VIP), proto, vec![]);
+            s.node_port = Some(30080);
+            s.external_ips = vec![ext_ip];
+            s.lb_ips = vec![lb_ip];
+            s.flags |= service_flags::EXTERNAL_LOCAL | service_flags::INTERNAL_LOCAL;
+            dp.add_service(&s);
+        }
+        let frontends = [sa(VIP), SocketAddrV4::new(NODE, 30080), ext_ip, lb_ip];
+        let mut n = 0;
+        for (prog, client) in [(POD_INGRESS, sa(CLIENT)), (UPLINK_INGRESS, sa(EXTERNAL))] {
+            for fe in frontends {
+                let seg = tcp(client, fe, TCP_SYN);
+                let r = dp.run(prog, &seg.build());
+                assert_eq!(r.ret, TC_ACT_REDIRECT, "{prog} {fe} TCP");
+                assert_frame_eq(&r.out, &reset_for(&seg).build());
+                let sent = udp(client, fe).build();
+                let r = dp.run(prog, &sent);
+                assert_eq!(r.ret, TC_ACT_REDIRECT, "{prog} {fe} UDP");
+                assert_frame_eq(&r.out, &unreachable_for(&sent).build());
+                n += 2;
+            }
+        }
+        assert!(dp.ct_all().is_empty());
+        dp.assert_stats(&[(StatReason::Packets, n), (StatReason::RejectNoEndpoint, n)]);
+    });
+}
+
+#[test]
+fn e1_no_answer_to_resets_or_non_unicast_sources() {
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        dp.add_service(&ServiceEntry::cluster_ip(1, sa(VIP), PROTO_TCP, vec![]));
+        dp.add_service(&ServiceEntry::cluster_ip(2, sa(VIP), PROTO_UDP, vec![]));
+        let mut frames = vec![
+            tcp(sa(CLIENT), sa(VIP), TCP_RST).build(),
+            tcp(sa(CLIENT), sa(VIP), TCP_RST | TCP_ACK).build(),
+        ];
+        for src in [
+            "0.0.0.0:68",
+            "0.1.2.3:1000",
+            "127.0.0.1:1000",
+            "224.0.0.5:1000",
+            "239.255.255.250:1900",
+            "240.0.0.1:1000",
+            "255.255.255.255:68",
+        ] {
+            frames.push(tcp(sa(src), sa(VIP), TCP_SYN).build());
+            frames.push(udp(sa(src), sa(VIP)).build());
+        }
+        for f in &frames {
+            for prog in [POD_INGRESS, UPLINK_INGRESS] {
+                let r = dp.run(prog, f);
+                assert_eq!(r.ret, TC_ACT_SHOT, "{prog} answered {}", hex(f));
+                assert_eq!(r.out, *f, "{prog} changed a dropped packet");
+            }
+        }
+        let n = 2 * frames.len() as u64;
+        dp.assert_stats(&[(StatReason::Packets, n), (StatReason::DropNoBackend, n)]);
+    });
+}
+
+#[test]
+fn e2_local_policies_without_a_local_endpoint_drop_instead_of_rejecting() {
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        dp.add_node_addr(NODE);
+        // Endpoints exist, none on this node.
+        let mut s = ServiceEntry::cluster_ip(5, sa(VIP), PROTO_TCP, vec![be(51, BACKEND_2)]);
+        s.node_port = Some(30080);
+        s.flags |= service_flags::EXTERNAL_LOCAL | service_flags::INTERNAL_LOCAL;
+        dp.add_service(&s);
+        s.proto = PROTO_UDP;
+        s.id = 6;
+        s.cluster = vec![be(61, BACKEND_2)];
+        dp.add_service(&s);
+        let np = SocketAddrV4::new(NODE, 30080);
+        for f in [
+            // externalTrafficPolicy=Local from outside (E2).
+            tcp(sa(EXTERNAL), np, TCP_SYN).build(),
+            udp(sa(EXTERNAL), np).build(),
+        ] {
+            let r = dp.run(UPLINK_INGRESS, &f);
+            assert_eq!(r.ret, TC_ACT_SHOT);
+            assert_eq!(r.out, f);
+        }
+        for f in [
+            // internalTrafficPolicy=Local (E5).
+            tcp(sa(CLIENT), sa(VIP), TCP_SYN).build(),
+            udp(sa(CLIENT), sa(VIP)).build(),
+        ] {
+            let r = dp.run(POD_INGRESS, &f);
+            assert_eq!(r.ret, TC_ACT_SHOT);
+            assert_eq!(r.out, f);
+        }
+        // A pod reaching the NodePort uses the cluster set (M3).
+        let syn = tcp(sa(CLIENT), np, TCP_SYN);
+        let r = dp.run(POD_INGRESS, &syn.build());
+        assert_eq!(r.ret, TC_ACT_OK);
+        assert_frame_eq(&r.out, &syn.with_destination(sa(BACKEND_2)).build());
+        dp.assert_stats(&[
+            (StatReason::Packets, 5),
+            (StatReason::DropNoBackend, 4),
+            (StatReason::NewFlow, 1),
+        ]);
+    });
+}
+
+// ---------------------------------------------------------------------------
+// F7: loadBalancerSourceRanges
+// ---------------------------------------------------------------------------
+
+const LB_IP: &str = "203.0.113.20:80";
+
+/// Service port 8: ClusterIP, NodePort 30080 and LB IP, externalTrafficPolicy
+/// Local with one local backend (so uplink flows pass to the stack), ranges
+/// 198.51.100.0/24 and 10.244.0.5/32 programmed and flagged.
+fn ranged_lb(dp: &mut Datapath) -> ServiceEntry {
+    dp.add_node_addr(NODE);
+    let local = local_be(81, "10.244.0.81:8080");
+    let mut s = ServiceEntry::cluster_ip(8, sa(VIP), PROTO_TCP, vec![local.clone()]);
+    s.local = vec![local];
+    s.node_port = Some(30080);
+    s.lb_ips = vec![sa(LB_IP)];
+    s.flags |= service_flags::EXTERNAL_LOCAL | service_flags::SOURCE_RANGES;
+    dp.add_source_range(8, Ipv4Addr::new(198, 51, 100, 0), 24);
+    dp.add_source_range(8, Ipv4Addr::new(10, 244, 0, 5), 32);
+    dp.add_service(&s);
+    s
+}
+
+#[test]
+fn f7_source_ranges_filter_new_flows_to_lb_ips_only() {
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        let s = ranged_lb(&mut dp);
+        // Another port's range covers the outsider: ranges are per port.
+        dp.add_source_range(9, Ipv4Addr::new(203, 0, 113, 0), 24);
+        let backend = sa("10.244.0.81:8080");
+        let np = SocketAddrV4::new(NODE, 30080);
+        let outsider = sa("203.0.113.99:52000");
+        let other_pod = sa("10.244.0.6:40000");
+
+        // (hook, client, frontend, allowed); each flow from its own port, so
+        // that no two flows share a REPLY key (C2 is another matter).
+        let cases = [
+            (UPLINK_INGRESS, sa(EXTERNAL), sa(LB_IP), true),
+            (UPLINK_INGRESS, outsider, sa(LB_IP), false),
+            // NodePort and ClusterIP of the same port: not filtered.
+            (UPLINK_INGRESS, outsider, np, true),
+            (UPLINK_INGRESS, outsider, sa(VIP), true),
+            (POD_INGRESS, sa(CLIENT), sa(LB_IP), true),
+            (POD_INGRESS, other_pod, sa(LB_IP), false),
+            (POD_INGRESS, other_pod, np, true),
+            (POD_INGRESS, other_pod, sa(VIP), true),
+        ];
+        for (i, (prog, client, fe, allowed)) in cases.into_iter().enumerate() {
+            let client = SocketAddrV4::new(*client.ip(), client.port() + i as u16);
+            let syn = tcp(client, fe, TCP_SYN);
+            let r = dp.run(prog, &syn.build());
+            let fwd = dp.ct(&ct_key(client, fe, PROTO_TCP, CT_DIR_FORWARD));
+            if allowed {
+                assert_eq!(r.ret, TC_ACT_OK, "{prog} {client} -> {fe}");
+                assert_frame_eq(&r.out, &syn.with_destination(backend).build());
+                assert!(fwd.is_some());
+            } else {
+                assert_eq!(r.ret, TC_ACT_SHOT, "{prog} {client} -> {fe}");
+                assert_eq!(r.out, syn.build());
+                assert!(fwd.is_none(), "a filtered flow left an entry");
+            }
+        }
+        assert_eq!(dp.ct_all().len(), 2 * 6);
+
+        // An established flow is not checked again: the range goes, the
+        // flow keeps working; a new flow from the same client is dropped.
+        dp.remove_source_range(8, Ipv4Addr::new(198, 51, 100, 0), 24);
+        let ack = tcp(sa(EXTERNAL), sa(LB_IP), TCP_ACK);
+        let r = dp.run(UPLINK_INGRESS, &ack.build());
+        assert_eq!(r.ret, TC_ACT_OK);
+        assert_frame_eq(&r.out, &ack.with_destination(backend).build());
+        let again = SocketAddrV4::new(*sa(EXTERNAL).ip(), 51001);
+        let r = dp.run(UPLINK_INGRESS, &tcp(again, sa(LB_IP), TCP_SYN).build());
+        assert_eq!(r.ret, TC_ACT_SHOT);
+
+        // Without SOURCE_RANGES (ranges not programmed yet) nothing is
+        // filtered.
+        let mut open = s.clone();
+        open.flags &= !service_flags::SOURCE_RANGES;
+        dp.add_service(&open);
+        let syn = tcp(outsider, sa(LB_IP), TCP_SYN);
+        let r = dp.run(UPLINK_INGRESS, &syn.build());
+        assert_eq!(r.ret, TC_ACT_OK);
+        assert_frame_eq(&r.out, &syn.with_destination(backend).build());
+        dp.assert_stats(&[
+            (StatReason::Packets, 11),
+            (StatReason::NewFlow, 7),
+            (StatReason::ForwardTranslated, 1),
+            (StatReason::DropSourceRange, 3),
+        ]);
+    });
+}
+
+#[test]
+fn f7_source_ranges_apply_before_the_reject_of_an_empty_port() {
+    // A source outside the ranges learns nothing, not even that the port
+    // has no endpoints; a source inside gets the reset (E1).
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        let mut s = ranged_lb(&mut dp);
+        s.cluster.clear();
+        s.local.clear();
+        dp.add_service(&s);
+        let out = tcp(sa("203.0.113.99:52000"), sa(LB_IP), TCP_SYN).build();
+        let r = dp.run(UPLINK_INGRESS, &out);
+        assert_eq!(r.ret, TC_ACT_SHOT);
+        assert_eq!(r.out, out);
+        let seg = tcp(sa(EXTERNAL), sa(LB_IP), TCP_SYN);
+        let r = dp.run(UPLINK_INGRESS, &seg.build());
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        assert_frame_eq(&r.out, &reset_for(&seg).build());
+        dp.assert_stats(&[
+            (StatReason::Packets, 2),
+            (StatReason::DropSourceRange, 1),
+            (StatReason::RejectNoEndpoint, 1),
+        ]);
+    });
+}
+
+// ---------------------------------------------------------------------------
+// C6 / F8: affinity never sends a client where the port no longer serves
+// ---------------------------------------------------------------------------
+
+#[test]
+fn c6_affinity_is_used_only_while_its_backend_serves_the_port() {
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        let mut s = ServiceEntry::cluster_ip(
+            1,
+            sa(VIP),
+            PROTO_TCP,
+            vec![be(11, BACKEND_1), be(12, BACKEND_2)],
+        );
+        s.flags |= service_flags::AFFINITY;
+        s.affinity_timeout_sec = 2;
+        dp.add_service(&s);
+        let odd = sa("10.244.9.9:8080");
+        // Id 13 was reused by another service port.
+        dp.put_backend(13, odd, PROTO_TCP, backend_flags::IN_CLUSTER_SET, 2);
+        // Id 14 is an endpoint of this port, but only in its node-local set
+        // (the cluster-wide set follows topology hints, E6).
+        dp.put_backend(14, odd, PROTO_TCP, backend_flags::IN_LOCAL_SET, 1);
+        // Id 15 is still this port's, in no set (terminating, not needed as
+        // a fallback, E3).
+        dp.put_backend(
+            15,
+            odd,
+            PROTO_TCP,
+            backend_flags::TERMINATING | backend_flags::LOCAL,
+            1,
+        );
+        let client = Ipv4Addr::new(10, 244, 0, 5);
+        let akey = AffinityKey {
+            client_addr: net(client),
+            service_id: 1,
+        };
+        let now = boot_ns();
+        // (remembered backend, last used, honoured, stale)
+        let cases = [
+            (12u32, now, true, false),
+            (13, now, false, true),
+            (14, now, false, true),
+            (15, now, false, true),
+            (999, now, false, true),
+            // Expired: a normal new choice, not stale.
+            (13, now - 5_000_000_000, false, false),
+        ];
+        let mut stale = 0;
+        for (i, (backend_id, last_used_ns, honoured, is_stale)) in cases.into_iter().enumerate() {
+            dp.affinity()
+                .insert(
+                    akey,
+                    AffinityValue {
+                        backend_id,
+                        _pad: 0,
+                        last_used_ns,
+                    },
+                    0,
+                )
+                .unwrap();
+            let c = SocketAddrV4::new(client, 42000 + i as u16);
+            let t0 = boot_ns();
+            let r = dp.run(POD_INGRESS, &tcp(c, sa(VIP), TCP_SYN).build());
+            assert_eq!(r.ret, TC_ACT_OK);
+            let to = tuple(&r.out).dst;
+            let a = dp.affinity().get(&akey, 0).unwrap();
+            assert!(a.last_used_ns >= t0, "affinity entry not refreshed");
+            let fwd = dp
+                .ct(&ct_key(c, sa(VIP), PROTO_TCP, CT_DIR_FORWARD))
+                .unwrap();
+            if honoured {
+                assert_eq!((to, a.backend_id), (sa(BACKEND_2), 12));
+            } else {
+                // A live member of the set, and the entry now names it.
+                assert!(
+                    [sa(BACKEND_1), sa(BACKEND_2)].contains(&to),
+                    "case {i}: sent to {to}"
+                );
+                assert!([11, 12].contains(&a.backend_id), "case {i}");
+            }
+            assert_eq!(fwd.backend_id, a.backend_id);
+            if is_stale {
+                stale += 1;
+            }
+        }
+        dp.assert_stats(&[
+            (StatReason::Packets, cases.len() as u64),
+            (StatReason::NewFlow, cases.len() as u64),
+            (StatReason::AffinityStale, stale),
+        ]);
+    });
+}
+
+#[test]
+fn c6_affinity_checks_the_set_in_use() {
+    // The same remembered backend is good for the cluster-wide set and
+    // stale for the node-local set (externalTrafficPolicy=Local from
+    // outside, M3).
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        let mut s = etp_local(&mut dp);
+        s.flags |= service_flags::AFFINITY;
+        s.affinity_timeout_sec = 10800;
+        dp.add_service(&s);
+        let np = SocketAddrV4::new(NODE, 30080);
+        let remote = 51; // cluster set only
+        for (prog, client, stale) in [
+            (POD_INGRESS, sa(CLIENT), false),
+            (UPLINK_INGRESS, sa(EXTERNAL), true),
+        ] {
+            let akey = AffinityKey {
+                client_addr: net(*client.ip()),
+                service_id: 5,
+            };
+            dp.affinity()
+                .insert(
+                    akey,
+                    AffinityValue {
+                        backend_id: remote,
+                        _pad: 0,
+                        last_used_ns: boot_ns(),
+                    },
+                    0,
+                )
+                .unwrap();
+            let r = dp.run(prog, &tcp(client, np, TCP_SYN).build());
+            assert_eq!(r.ret, TC_ACT_OK);
+            let (to, id) = if stale {
+                (sa("10.244.0.52:8080"), 52)
+            } else {
+                (sa(BACKEND_1), remote)
+            };
+            assert_eq!(tuple(&r.out).dst, to, "{prog}");
+            assert_eq!(dp.affinity().get(&akey, 0).unwrap().backend_id, id);
+        }
+        dp.assert_stats(&[
+            (StatReason::Packets, 2),
+            (StatReason::NewFlow, 2),
+            (StatReason::AffinityStale, 1),
+        ]);
+    });
+}
+
+// ---------------------------------------------------------------------------
+// E4: UDP flows follow membership exactly; TCP flows stay
+// ---------------------------------------------------------------------------
+
+#[test]
+fn e4_udp_flow_moves_when_its_backend_leaves_the_port() {
+    require_privileges!();
+    in_private_netns(|| {
+        let dns = sa("10.96.0.10:53");
+        let (a, b) = (sa("10.244.3.3:5353"), sa("10.244.4.4:5353"));
+        // How the backend of an open flow changes; whether the flow moves.
+        type Change = fn(&mut Datapath);
+        let cases: [(&str, Change, bool); 5] = [
+            (
+                "id reused by another service port",
+                |dp| {
+                    dp.put_backend(
+                        70,
+                        sa("10.244.3.3:5353"),
+                        PROTO_UDP,
+                        backend_flags::IN_CLUSTER_SET,
+                        8,
+                    )
+                },
+                true,
+            ),
+            (
+                "in neither set any more",
+                |dp| dp.put_backend(70, sa("10.244.3.3:5353"), PROTO_UDP, 0, 7),
+                true,
+            ),
+            (
+                "id names another endpoint",
+                |dp| {
+                    dp.put_backend(
+                        70,
+                        sa("10.244.3.4:5353"),
+                        PROTO_UDP,
+                        backend_flags::IN_CLUSTER_SET,
+                        7,
+                    )
+                },
+                true,
+            ),
+            (
+                "left the cluster set, still in the local set",
+                |dp| {
+                    dp.put_backend(
+                        70,
+                        sa("10.244.3.3:5353"),
+                        PROTO_UDP,
+                        backend_flags::IN_LOCAL_SET,
+                        7,
+                    )
+                },
+                false,
+            ),
+            ("unchanged", |_| {}, false),
+        ];
+        for (what, change, moves) in cases {
+            let mut dp = Datapath::load();
+            dp.add_service(&ServiceEntry::cluster_ip(
+                7,
+                dns,
+                PROTO_UDP,
+                vec![be(70, "10.244.3.3:5353")],
+            ));
+            let tq = tcp(sa(CLIENT), dns, TCP_SYN);
+            // The same backend id for a TCP port (id 70 serves both in this
+            // test; TCP must never move).
+            dp.add_frontend(
+                exact_key(dns, PROTO_TCP),
+                ServiceValue {
+                    service_id: 7,
+                    backend_count: 1,
+                    flags: service_flags::CLUSTER_IP,
+                    ..ServiceValue::default()
+                },
+            );
+            let q = udp(sa(CLIENT), dns);
+            let r = dp.run(POD_INGRESS, &q.build());
+            assert_frame_eq(&r.out, &q.clone().with_destination(a).build());
+            let r = dp.run(POD_INGRESS, &tq.build());
+            assert_eq!(tuple(&r.out).dst, a);
+            // The port's slot now holds backend 71 at `b`.
+            dp.put_backend(71, b, PROTO_UDP, backend_flags::IN_CLUSTER_SET, 7);
+            dp.set_slot(7, 0, 71);
+            change(&mut dp);
+            let r = dp.run(POD_INGRESS, &q.build());
+            assert_eq!(r.ret, TC_ACT_OK);
+            let to = if moves { b } else { a };
+            assert_frame_eq(&r.out, &q.clone().with_destination(to).build());
+            assert_eq!(
+                backend_of(&mut dp, sa(CLIENT), dns, PROTO_UDP),
+                to,
+                "{what}"
+            );
+            let data = tcp(sa(CLIENT), dns, TCP_ACK);
+            let r = dp.run(POD_INGRESS, &data.build());
+            assert_frame_eq(&r.out, &data.with_destination(a).build());
+            let mut want = vec![
+                (StatReason::Packets, 4),
+                (StatReason::NewFlow, 2),
+                (StatReason::ForwardTranslated, 1),
+            ];
+            if moves {
+                want.push((StatReason::FlowMoved, 1));
+                want.push((StatReason::NewFlow, 1));
+            } else {
+                want.push((StatReason::ForwardTranslated, 1));
+            }
+            dp.assert_stats(&want);
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Masquerade as kube-proxy decides it: M2 (local backends too), M1, M4
+// ---------------------------------------------------------------------------
+
+/// A node in the current (private) netns: the uplink of `uplink_netns`
+/// (192.0.2.1/24 on `up0`, gateway 192.0.2.3 for 198.51.100.0/24) and a
+/// `cni0` bridge 10.244.0.1/24 with one pod veth `vpod0` (peer `vpod1`).
+/// The pod 10.244.0.52 has a permanent neighbour entry on cni0 when
+/// `pod_neighbour`.
+struct Node {
+    up0: u32,
+    up0_mac: [u8; 6],
+    cni0_mac: [u8; 6],
+    vpod0: u32,
+}
+
+const POD_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x52];
+const GW_MAC: [u8; 6] = [2, 0, 0, 0, 2, 3];
+const LOCAL_BACKEND: &str = "10.244.0.52:8080";
+
+fn node_netns(pod_neighbour: bool) -> Node {
+    sh(&["ip", "link", "add", "cni0", "type", "bridge"]);
+    sh(&[
+        "ip", "link", "add", "vpod0", "type", "veth", "peer", "name", "vpod1",
+    ]);
+    sh(&["ip", "link", "set", "vpod0", "master", "cni0"]);
+    sh(&["ip", "addr", "add", "10.244.0.1/24", "dev", "cni0"]);
+    for l in ["cni0", "vpod0", "vpod1"] {
+        sh(&["ip", "link", "set", l, "up"]);
+    }
+    if pod_neighbour {
+        sh(&[
+            "ip",
+            "neigh",
+            "replace",
+            "10.244.0.52",
+            "lladdr",
+            "02:00:00:00:00:52",
+            "dev",
+            "cni0",
+            "nud",
+            "permanent",
+        ]);
+    }
+    // Sets forwarding on every interface, the ones above included.
+    let (up0, up0_mac) = uplink_netns(true);
+    Node {
+        up0,
+        up0_mac,
+        cni0_mac: mac_of("cni0"),
+        vpod0: ifindex("vpod0"),
+    }
+}
+
+/// A NodePort service (externalTrafficPolicy Cluster) whose only backend is
+/// a pod on this node.
+fn local_nodeport(dp: &mut Datapath) {
+    dp.add_node_addr(NODE);
+    let mut s = ServiceEntry::cluster_ip(4, sa(VIP), PROTO_TCP, vec![local_be(41, LOCAL_BACKEND)]);
+    s.node_port = Some(30080);
+    s.local = vec![local_be(41, LOCAL_BACKEND)];
+    dp.add_service(&s);
+}
+
+/// The FORWARD and REPLY entries of a SNAT'ed flow `client -> fe` to
+/// `backend`, SNAT'ed to `snat_ip`, after its SYN; returns the SNAT port.
+fn assert_snat_flow(
+    dp: &mut Datapath,
+    client: SocketAddrV4,
+    fe: SocketAddrV4,
+    backend: (u32, SocketAddrV4),
+    service_id: u32,
+    snat_ip: Ipv4Addr,
+    t0: u64,
+) -> u16 {
+    let fwd = dp
+        .ct(&ct_key(client, fe, PROTO_TCP, CT_DIR_FORWARD))
+        .expect("forward entry");
+    let port = u16::from_be(fwd.snat_port);
+    let cfg = DatapathConfig::DEFAULT;
+    assert!((cfg.snat_port_min..=cfg.snat_port_max).contains(&port));
+    let snat = SocketAddrV4::new(snat_ip, port);
+    let flags = ct_flags::SNAT | ct_flags::TCP_SYN;
+    assert_entry(
+        &fwd,
+        &Ct {
+            nat: backend.1,
+            snat: Some(snat),
+            backend_id: backend.0,
+            service_id,
+            flags,
+        },
+        t0,
+    );
+    let rev = dp
+        .ct(&ct_key(backend.1, snat, PROTO_TCP, CT_DIR_REPLY))
+        .expect("reply entry keyed by the SNAT address and port");
+    assert_entry(
+        &rev,
+        &Ct {
+            nat: fe,
+            snat: Some(client),
+            backend_id: backend.0,
+            service_id,
+            flags,
+        },
+        t0,
+    );
+    port
+}
+
+#[test]
+fn m2_nodeport_etp_cluster_to_a_local_backend_is_snated_and_redirected_to_the_pod() {
+    // kube-proxy masquerades all externalTrafficPolicy=Cluster traffic, to a
+    // local endpoint too: the backend sees the node, not the client. The
+    // SNAT'ed packet has a node address as source, so the stack would drop
+    // it as martian: the datapath forwards it to the pod itself (the FIB
+    // lookup from the uplink gives cni0 and the pod's MAC), and the pod's
+    // reply is caught at the pod's own interface (TC ingress) and sent back
+    // out of the uplink.
+    require_privileges!();
+    in_private_netns(|| {
+        let n = node_netns(true);
+        let mut dp = Datapath::load();
+        local_nodeport(&mut dp);
+        let fe = SocketAddrV4::new(NODE, 30080);
+        let backend = sa(LOCAL_BACKEND);
+        let syn = tcp(sa(EXTERNAL), fe, TCP_SYN).with_macs(n.up0_mac, GW_MAC);
+        let t0 = boot_ns();
+        let r = dp.run_on(UPLINK_INGRESS, &syn.build(), n.up0);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        let port = assert_snat_flow(&mut dp, sa(EXTERNAL), fe, (41, backend), 4, NODE, t0);
+        let snat = SocketAddrV4::new(NODE, port);
+        let to_pod = tcp(snat, backend, TCP_SYN)
+            .with_ttl(63)
+            .with_macs(POD_MAC, n.cni0_mac);
+        assert_frame_eq(&r.out, &to_pod.build());
+
+        // On its way to the pod it crosses the pod's TC egress: untouched.
+        let r = dp.run_on(POD_EGRESS, &to_pod.build(), n.vpod0);
+        assert_eq!((r.ret, &r.out), (TC_ACT_OK, &to_pod.build()));
+
+        // The pod answers the node address; its interface's TC ingress
+        // reverses both translations and sends the reply out of the uplink.
+        let syn_ack = tcp(backend, snat, TCP_SYN | TCP_ACK).with_macs(n.cni0_mac, POD_MAC);
+        let r = dp.run_on(POD_INGRESS, &syn_ack.build(), n.vpod0);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        let out = tcp(fe, sa(EXTERNAL), TCP_SYN | TCP_ACK)
+            .with_ttl(63)
+            .with_macs(GW_MAC, n.up0_mac);
+        assert_frame_eq(&r.out, &out.build());
+        // Leaving the uplink (TC egress): untouched.
+        let r = dp.run_on(UPLINK_EGRESS, &out.build(), n.up0);
+        assert_eq!((r.ret, &r.out), (TC_ACT_OK, &out.build()));
+
+        // The client's ACK: known flow, same SNAT, to the pod again.
+        let ack = tcp(sa(EXTERNAL), fe, TCP_ACK).with_macs(n.up0_mac, GW_MAC);
+        let r = dp.run_on(UPLINK_INGRESS, &ack.build(), n.up0);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        let want = tcp(snat, backend, TCP_ACK)
+            .with_ttl(63)
+            .with_macs(POD_MAC, n.cni0_mac);
+        assert_frame_eq(&r.out, &want.build());
+        let est =
+            ct_flags::SNAT | ct_flags::TCP_SYN | ct_flags::SEEN_REPLY | ct_flags::TCP_ESTABLISHED;
+        let fwd = dp
+            .ct(&ct_key(sa(EXTERNAL), fe, PROTO_TCP, CT_DIR_FORWARD))
+            .unwrap();
+        let rev = dp
+            .ct(&ct_key(backend, snat, PROTO_TCP, CT_DIR_REPLY))
+            .unwrap();
+        assert_eq!((fwd.flags, rev.flags), (est, est));
+        assert_eq!(dp.ct_all().len(), 2);
+        dp.assert_stats(&[
+            (StatReason::Packets, 5),
+            (StatReason::NewFlow, 1),
+            (StatReason::ForwardTranslated, 1),
+            (StatReason::ReplyTranslated, 1),
+            (StatReason::Redirected, 3),
+            (StatReason::PassNotService, 2),
+        ]);
+    });
+}
+
+#[test]
+fn m2_local_backend_without_a_pod_neighbour_uses_redirect_neigh() {
+    require_privileges!();
+    in_private_netns(|| {
+        let n = node_netns(false);
+        let mut dp = Datapath::load();
+        local_nodeport(&mut dp);
+        let fe = SocketAddrV4::new(NODE, 30080);
+        let t0 = boot_ns();
+        let r = dp.run_on(
+            UPLINK_INGRESS,
+            &tcp(sa(EXTERNAL), fe, TCP_SYN).build(),
+            n.up0,
+        );
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        let port = assert_snat_flow(
+            &mut dp,
+            sa(EXTERNAL),
+            fe,
+            (41, sa(LOCAL_BACKEND)),
+            4,
+            NODE,
+            t0,
+        );
+        // Translated; the MACs are left to the kernel's neighbour layer.
+        let want = tcp(SocketAddrV4::new(NODE, port), sa(LOCAL_BACKEND), TCP_SYN).with_ttl(63);
+        assert_frame_eq(&r.out, &want.build());
+        dp.assert_stats(&[
+            (StatReason::Packets, 1),
+            (StatReason::NewFlow, 1),
+            (StatReason::Redirected, 1),
+        ]);
+    });
+}
+
+#[test]
+fn m2_external_ip_and_lb_ip_to_a_local_backend_snat_to_the_uplink_address() {
+    require_privileges!();
+    in_private_netns(|| {
+        let n = node_netns(true);
+        let mut dp = Datapath::load();
+        dp.set_uplink_addr(n.up0, NODE);
+        let ext_ip = sa("203.0.113.12:80");
+        let mut s =
+            ServiceEntry::cluster_ip(4, sa(VIP), PROTO_TCP, vec![local_be(41, LOCAL_BACKEND)]);
+        s.external_ips = vec![ext_ip];
+        s.lb_ips = vec![sa(LB_IP)];
+        dp.add_service(&s);
+        for (i, fe) in [ext_ip, sa(LB_IP)].into_iter().enumerate() {
+            let client = SocketAddrV4::new(*sa(EXTERNAL).ip(), 51000 + i as u16);
+            let t0 = boot_ns();
+            let r = dp.run_on(UPLINK_INGRESS, &tcp(client, fe, TCP_SYN).build(), n.up0);
+            assert_eq!(r.ret, TC_ACT_REDIRECT, "{fe}");
+            let port = assert_snat_flow(&mut dp, client, fe, (41, sa(LOCAL_BACKEND)), 4, NODE, t0);
+            let snat = SocketAddrV4::new(NODE, port);
+            let want = tcp(snat, sa(LOCAL_BACKEND), TCP_SYN)
+                .with_ttl(63)
+                .with_macs(POD_MAC, n.cni0_mac);
+            assert_frame_eq(&r.out, &want.build());
+            // The reply leaves with the frontend it was sent to as source.
+            let reply = tcp(sa(LOCAL_BACKEND), snat, TCP_SYN | TCP_ACK);
+            let r = dp.run_on(POD_INGRESS, &reply.build(), n.vpod0);
+            assert_eq!(r.ret, TC_ACT_REDIRECT);
+            let want = tcp(fe, client, TCP_SYN | TCP_ACK)
+                .with_ttl(63)
+                .with_macs(GW_MAC, n.up0_mac);
+            assert_frame_eq(&r.out, &want.build());
+        }
+        dp.assert_stats(&[
+            (StatReason::Packets, 4),
+            (StatReason::NewFlow, 2),
+            (StatReason::ReplyTranslated, 2),
+            (StatReason::Redirected, 4),
+        ]);
+    });
+}
+
+#[test]
+fn m3_etp_local_keeps_the_client_address_and_passes_to_the_stack() {
+    // externalTrafficPolicy=Local: no SNAT, the local backend sees the
+    // client; the packet goes up the stack (not redirected).
+    require_privileges!();
+    in_private_netns(|| {
+        let n = node_netns(true);
+        let mut dp = Datapath::load();
+        etp_local(&mut dp);
+        let fe = SocketAddrV4::new(NODE, 30080);
+        let syn = tcp(sa(EXTERNAL), fe, TCP_SYN);
+        let r = dp.run_on(UPLINK_INGRESS, &syn.build(), n.up0);
+        assert_eq!(r.ret, TC_ACT_OK);
+        assert_frame_eq(
+            &r.out,
+            &syn.with_destination(sa("10.244.0.52:8080")).build(),
+        );
+        let fwd = dp
+            .ct(&ct_key(sa(EXTERNAL), fe, PROTO_TCP, CT_DIR_FORWARD))
+            .unwrap();
+        assert_eq!(fwd.flags & ct_flags::SNAT, 0);
+        dp.assert_stats(&[(StatReason::Packets, 1), (StatReason::NewFlow, 1)]);
+    });
+}
+
+#[test]
+fn m1_cluster_ip_from_outside_the_cluster_cidr_is_snated() {
+    require_privileges!();
+    in_private_netns(|| {
+        let n = node_netns(true);
+        let cidr = DatapathConfig {
+            cluster_cidr_addr: net(Ipv4Addr::new(10, 244, 0, 0)),
+            cluster_cidr_mask: net(Ipv4Addr::new(255, 255, 0, 0)),
+            ..DatapathConfig::DEFAULT
+        };
+        let outside = sa(EXTERNAL);
+        let inside = sa("10.244.2.7:40000");
+        // (config, client, SNAT'ed)
+        for (cfg, client, snat) in [
+            (cidr, outside, true),
+            (cidr, inside, false),
+            // No --cluster-cidr: kube-proxy does not masquerade it either.
+            (DatapathConfig::DEFAULT, outside, false),
+        ] {
+            let mut dp = Datapath::load_with(cfg);
+            dp.set_uplink_addr(n.up0, NODE);
+            dp.add_service(&ServiceEntry::cluster_ip(
+                4,
+                sa(VIP),
+                PROTO_TCP,
+                vec![local_be(41, LOCAL_BACKEND)],
+            ));
+            let syn = tcp(client, sa(VIP), TCP_SYN);
+            let t0 = boot_ns();
+            let r = dp.run_on(UPLINK_INGRESS, &syn.build(), n.up0);
+            if snat {
+                assert_eq!(r.ret, TC_ACT_REDIRECT);
+                // The ClusterIP is no node address: the uplink's address.
+                let port = assert_snat_flow(
+                    &mut dp,
+                    client,
+                    sa(VIP),
+                    (41, sa(LOCAL_BACKEND)),
+                    4,
+                    NODE,
+                    t0,
+                );
+                let want = tcp(SocketAddrV4::new(NODE, port), sa(LOCAL_BACKEND), TCP_SYN)
+                    .with_ttl(63)
+                    .with_macs(POD_MAC, n.cni0_mac);
+                assert_frame_eq(&r.out, &want.build());
+                dp.assert_stats(&[
+                    (StatReason::Packets, 1),
+                    (StatReason::NewFlow, 1),
+                    (StatReason::Redirected, 1),
+                ]);
+            } else {
+                assert_eq!(r.ret, TC_ACT_OK);
+                assert_frame_eq(&r.out, &syn.with_destination(sa(LOCAL_BACKEND)).build());
+                dp.assert_stats(&[(StatReason::Packets, 1), (StatReason::NewFlow, 1)]);
+            }
+        }
+        // A remote backend is SNAT'ed from inside the CIDR too (as before:
+        // its reply would otherwise bypass this node).
+        let mut dp = Datapath::load_with(cidr);
+        dp.set_uplink_addr(n.up0, NODE);
+        dp.add_service(&ServiceEntry::cluster_ip(
+            4,
+            sa(VIP),
+            PROTO_TCP,
+            vec![be(42, BACKEND_2)],
+        ));
+        let r = dp.run_on(
+            UPLINK_INGRESS,
+            &tcp(inside, sa(VIP), TCP_SYN).build(),
+            n.up0,
+        );
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        let port = assert_snat_flow(&mut dp, inside, sa(VIP), (42, sa(BACKEND_2)), 4, NODE, 0);
+        let want = tcp(SocketAddrV4::new(NODE, port), sa(BACKEND_2), TCP_SYN)
+            .with_ttl(63)
+            .with_macs([2, 0, 0, 0, 2, 2], n.up0_mac);
+        assert_frame_eq(&r.out, &want.build());
+    });
+}
+
+/// A pod that is the only backend of its own Service.
+const SELF: &str = "10.244.0.5:8080";
+
+#[test]
+fn m4_pod_reaching_itself_through_its_service_is_hairpinned() {
+    require_privileges!();
+    in_private_netns(|| {
+        for hairpin in [
+            DatapathConfig::DEFAULT.hairpin_addr,
+            // kube-proxy's choice: the bridge's own address.
+            net(Ipv4Addr::new(10, 244, 0, 1)),
+        ] {
+            let cfg = DatapathConfig {
+                hairpin_addr: hairpin,
+                ..DatapathConfig::DEFAULT
+            };
+            let hairpin = Ipv4Addr::from(hairpin.to_ne_bytes());
+            let mut dp = Datapath::load_with(cfg);
+            dp.add_service(&ServiceEntry::cluster_ip(
+                3,
+                sa(VIP),
+                PROTO_TCP,
+                vec![local_be(31, SELF)],
+            ));
+            let veth = 1; // any existing interface; the redirect is not run
+            let syn = tcp(sa(CLIENT), sa(VIP), TCP_SYN);
+            let t0 = boot_ns();
+            let r = dp.run_on(POD_INGRESS, &syn.build(), veth);
+            assert_eq!(r.ret, TC_ACT_REDIRECT);
+            let port =
+                assert_snat_flow(&mut dp, sa(CLIENT), sa(VIP), (31, sa(SELF)), 3, hairpin, t0);
+            let h = SocketAddrV4::new(hairpin, port);
+            // Straight back to the pod: from the hairpin address, MACs
+            // swapped (from its gateway to itself), TTL - 1.
+            let back = tcp(h, sa(SELF), TCP_SYN)
+                .with_ttl(63)
+                .with_macs(MAC_A, MAC_B);
+            assert_frame_eq(&r.out, &back.build());
+            // Delivered through the pod's TC egress: untouched.
+            let r = dp.run_on(POD_EGRESS, &back.build(), veth);
+            assert_eq!((r.ret, &r.out), (TC_ACT_OK, &back.build()));
+
+            // The pod answers the hairpin address (through its gateway);
+            // the answer comes back from the ClusterIP.
+            let syn_ack = tcp(sa(SELF), h, TCP_SYN | TCP_ACK);
+            let r = dp.run_on(POD_INGRESS, &syn_ack.build(), veth);
+            assert_eq!(r.ret, TC_ACT_REDIRECT);
+            let want = tcp(sa(VIP), sa(CLIENT), TCP_SYN | TCP_ACK)
+                .with_ttl(63)
+                .with_macs(MAC_A, MAC_B);
+            assert_frame_eq(&r.out, &want.build());
+
+            // Known flow: the ACK takes the same way.
+            let ack = tcp(sa(CLIENT), sa(VIP), TCP_ACK);
+            let r = dp.run_on(POD_INGRESS, &ack.build(), veth);
+            assert_eq!(r.ret, TC_ACT_REDIRECT);
+            let want = tcp(h, sa(SELF), TCP_ACK)
+                .with_ttl(63)
+                .with_macs(MAC_A, MAC_B);
+            assert_frame_eq(&r.out, &want.build());
+            assert_eq!(dp.ct_all().len(), 2);
+            dp.assert_stats(&[
+                (StatReason::Packets, 4),
+                (StatReason::NewFlow, 1),
+                (StatReason::ForwardTranslated, 1),
+                (StatReason::ReplyTranslated, 1),
+                (StatReason::Redirected, 3),
+                (StatReason::PassNotService, 1),
+            ]);
+        }
+    });
+}
+
+#[test]
+fn m4_hairpin_udp_and_other_pods_are_not_hairpinned() {
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        let dns = sa("10.96.0.10:53");
+        let me = sa("10.244.0.5:5353");
+        dp.add_service(&ServiceEntry::cluster_ip(
+            3,
+            dns,
+            PROTO_UDP,
+            vec![local_be(31, "10.244.0.5:5353")],
+        ));
+        let hairpin = Ipv4Addr::new(169, 254, 42, 1);
+        let q = udp(sa(CLIENT), dns);
+        let r = dp.run(POD_INGRESS, &q.build());
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        let t = tuple(&r.out);
+        assert_eq!((*t.src.ip(), t.dst), (hairpin, me));
+        let back = q
+            .clone()
+            .with_source(t.src)
+            .with_destination(me)
+            .with_ttl(63)
+            .with_macs(MAC_A, MAC_B);
+        assert_frame_eq(&r.out, &back.build());
+        let a = udp(me, t.src);
+        let r = dp.run(POD_INGRESS, &a.build());
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        let want = a
+            .with_source(dns)
+            .with_destination(sa(CLIENT))
+            .with_ttl(63)
+            .with_macs(MAC_A, MAC_B);
+        assert_frame_eq(&r.out, &want.build());
+        // Another pod reaching the same backend: plain DNAT (F1).
+        let other = sa("10.244.0.6:40000");
+        let q = udp(other, dns);
+        let r = dp.run(POD_INGRESS, &q.build());
+        assert_eq!(r.ret, TC_ACT_OK);
+        assert_frame_eq(&r.out, &q.with_destination(me).build());
+        dp.assert_stats(&[
+            (StatReason::Packets, 3),
+            (StatReason::NewFlow, 2),
+            (StatReason::ReplyTranslated, 1),
+            (StatReason::Redirected, 2),
+        ]);
+    });
+}
+
+#[test]
+fn snat_reply_lookup_happens_only_for_ports_in_the_snat_range() {
+    // The pod hook looks for SNAT'ed replies only when the destination port
+    // is a SNAT port (every such reply has one), so ordinary pod traffic
+    // pays nothing; the uplink does the same. A SNAT entry keyed outside the
+    // range (which the datapath never writes) is therefore never used.
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        let entry = ConntrackEntry {
+            nat_addr: net(*sa(VIP).ip()),
+            nat_port: nport(80),
+            snat_addr: net(*sa(CLIENT).ip()),
+            snat_port: nport(40000),
+            backend_id: 11,
+            service_id: 1,
+            flags: ct_flags::SNAT,
+            last_seen_ns: boot_ns(),
+            ..ConntrackEntry::default()
+        };
+        let outside = SocketAddrV4::new(NODE, 5000);
+        dp.ct_insert(
+            ct_key(sa(BACKEND_1), outside, PROTO_TCP, CT_DIR_REPLY),
+            entry,
+        );
+        let inside = SocketAddrV4::new(NODE, 61000);
+        let mut n = 0;
+        for f in [
+            tcp(sa(BACKEND_1), outside, TCP_SYN | TCP_ACK).build(),
+            tcp(sa(BACKEND_1), inside, TCP_SYN | TCP_ACK).build(),
+        ] {
+            for prog in [POD_INGRESS, UPLINK_INGRESS] {
+                let r = dp.run(prog, &f);
+                assert_eq!((r.ret, &r.out), (TC_ACT_OK, &f), "{prog}");
+                n += 1;
+            }
+        }
+        dp.assert_stats(&[(StatReason::Packets, n), (StatReason::PassNotService, n)]);
     });
 }

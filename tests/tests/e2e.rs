@@ -167,9 +167,9 @@ fn f1_f3_cluster_ip_from_pod_keeps_pod_source_ip() {
     );
 }
 
-/// F4: external client -> NodePort on node1. With a backend on node1 the
-/// backend sees the client's own address; with the only backend on node2 the
-/// flow is SNATed to node1's address (M2) and still answers. Nothing listens on
+/// F4: external client -> NodePort on node1 (externalTrafficPolicy Cluster).
+/// M2: the flow is SNATed to node1's address whether the backend is on node1
+/// or on node2, as kube-proxy masquerades it, and answers. Nothing listens on
 /// the NodePort.
 #[test]
 fn f4_m2_node_port_from_external_client() {
@@ -220,8 +220,8 @@ fn f4_m2_node_port_from_external_client() {
         assert_eq!(r.backend, "web1", "{}", r.raw);
         assert_eq!(
             *r.client.ip(),
-            EXTERNAL_IP,
-            "F4: a local backend sees the external client's address: {}",
+            node1,
+            "M2: with externalTrafficPolicy Cluster even a local backend sees the node's address (kube-proxy masquerades everything that enters KUBE-EXT-*): {}",
             r.raw
         );
     }
@@ -501,7 +501,9 @@ fn f5_external_ip_from_pod_and_external_client() {
     for _ in 0..3 {
         let r = t.request("ext", &url).unwrap();
         assert_eq!(r.backend, "web1", "{}", r.raw);
-        assert_eq!(*r.client.ip(), EXTERNAL_IP, "{}", r.raw);
+        // M2: externalTrafficPolicy Cluster: SNAT to the uplink's address,
+        // also to a local backend.
+        assert_eq!(*r.client.ip(), t.node("node1").address, "{}", r.raw);
     }
 }
 
