@@ -95,32 +95,35 @@ pub(crate) fn list(
             (rv, None)
         }
     };
-    let state = store.state_at(kind, list_rv);
+    // With selectors the server does not say how many remain (as
+    // kube-apiserver): only whether more exist, without filtering them all.
+    let count_to = if filter.has_selectors() {
+        1
+    } else {
+        usize::MAX
+    };
+    let (page, remaining) =
+        store.page_at(kind, list_rv, start_after.as_ref(), limit, count_to, |o| {
+            filter.matches(o)
+        });
     drop(store);
-
-    let mut matching = state
-        .iter()
-        .filter(|(k, _)| start_after.as_ref().is_none_or(|s| *k > s))
-        .filter(|(_, o)| filter.matches(o));
-    let mut items = Vec::new();
-    let mut last_key = None;
-    for (k, o) in matching.by_ref() {
-        let mut item = (**o).clone();
-        if let Some(m) = item.as_object_mut() {
-            // kube-apiserver's list items carry no apiVersion/kind.
-            m.remove("apiVersion");
-            m.remove("kind");
-        }
-        items.push(item);
-        last_key = Some(k);
-        if limit > 0 && items.len() == limit {
-            break;
-        }
-    }
-    let remaining = matching.count();
+    let last_key = page.last().map(|(k, _)| k.clone());
+    let items: Vec<serde_json::Value> = page
+        .into_iter()
+        .map(|(_, o)| {
+            let mut item = (*o).clone();
+            if let Some(m) = item.as_object_mut() {
+                // kube-apiserver's list items carry no apiVersion/kind.
+                m.remove("apiVersion");
+                m.remove("kind");
+            }
+            item
+        })
+        .collect();
     let mut metadata = json!({"resourceVersion": list_rv.to_string()});
     if remaining > 0 {
         let (kns, kname) = last_key.expect("a full page has a last key");
+        let (kns, kname) = (&kns, &kname);
         metadata["continue"] = hex(&format!("{list_rv}\0{kns}\0{kname}")).into();
         if !filter.has_selectors() {
             metadata["remainingItemCount"] = remaining.into();

@@ -4,6 +4,7 @@
 //! open watches, under the store lock, so they see changes in RV order.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -42,6 +43,9 @@ pub(crate) struct Change {
 }
 
 /// An object as stored.
+/// A listed object: (namespace, name) and the object.
+pub(crate) type Listed = ((String, String), Arc<Value>);
+
 pub(crate) struct Stored {
     pub(crate) obj: Arc<Value>,
     /// Creation order (for [`crate::FakeApiServer::events`]).
@@ -164,6 +168,67 @@ impl Store {
 
     /// The objects of `kind` as they were at `rv` (which must not be compacted),
     /// keyed by (namespace, name).
+    /// One page of a list: up to `limit` (0: all) objects of `kind` after
+    /// `start_after` (namespace, name) that pass `keep`, as they were at
+    /// `rv`, in key order; and how many more pass `keep` (counted only up to
+    /// `count_to`). Cheap when `rv` is the current version (the common case:
+    /// no history to undo, no copy of the whole kind).
+    pub(crate) fn page_at(
+        &self,
+        kind: ResourceKind,
+        rv: u64,
+        start_after: Option<&(String, String)>,
+        limit: usize,
+        count_to: usize,
+        keep: impl Fn(&Value) -> bool,
+    ) -> (Vec<Listed>, usize) {
+        let newer = self
+            .history
+            .iter()
+            .rev()
+            .take_while(|e| e.rv > rv)
+            .any(|e| e.kind == kind);
+        let mut items = Vec::new();
+        let mut rest = 0;
+        let mut visit = |k: &(String, String), o: &Arc<Value>| -> bool {
+            if !keep(o) {
+                return true;
+            }
+            if limit == 0 || items.len() < limit {
+                items.push((k.clone(), o.clone()));
+                return true;
+            }
+            rest += 1;
+            rest < count_to
+        };
+        if newer {
+            for (k, o) in self
+                .state_at(kind, rv)
+                .iter()
+                .filter(|(k, _)| start_after.is_none_or(|s| *k > s))
+            {
+                if !visit(k, o) {
+                    break;
+                }
+            }
+        } else {
+            let from = match start_after {
+                Some((ns, name)) => Bound::Excluded((kind, ns.clone(), name.clone())),
+                None => Bound::Included((kind, String::new(), String::new())),
+            };
+            for (k, stored) in self
+                .objects
+                .range((from, Bound::Unbounded))
+                .take_while(|(k, _)| k.0 == kind)
+            {
+                if !visit(&(k.1.clone(), k.2.clone()), &stored.obj) {
+                    break;
+                }
+            }
+        }
+        (items, rest)
+    }
+
     pub(crate) fn state_at(
         &self,
         kind: ResourceKind,
