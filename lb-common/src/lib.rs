@@ -61,7 +61,26 @@ pub mod program_names {
     pub const UPLINK_INGRESS: &str = "lb_uplink_ingress";
     /// TC egress on an uplink: packets leaving the node.
     pub const UPLINK_EGRESS: &str = "lb_uplink_egress";
+    /// The TC programs (what BPF_PROG_TEST_RUN and the interface attach
+    /// load); the cgroup programs are in [`SOCKET_LB`].
     pub const ALL: [&str; 4] = [POD_INGRESS, POD_EGRESS, UPLINK_INGRESS, UPLINK_EGRESS];
+
+    /// F2, cgroup/connect4: a host-network socket's connect() to a frontend
+    /// goes to a backend.
+    pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
+    /// F2, cgroup/sendmsg4: an unconnected UDP sendto() to a frontend.
+    pub const SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
+    /// F2, cgroup/recvmsg4: recvfrom() shows the frontend as the source.
+    pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
+    /// F2, cgroup/getpeername4: getpeername() shows the frontend.
+    pub const SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
+    /// The cgroup sock_addr programs of socket-level load balancing (F2).
+    pub const SOCKET_LB: [&str; 4] = [
+        SOCK_CONNECT4,
+        SOCK_SENDMSG4,
+        SOCK_RECVMSG4,
+        SOCK_GETPEERNAME4,
+    ];
 }
 
 /// Capacities of the maps. Userspace may lower them with `set_max_entries`

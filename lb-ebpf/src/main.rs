@@ -1,4 +1,5 @@
-//! lb kernel datapath: four TC programs that translate Service traffic.
+//! lb kernel datapath: four TC programs that translate Service traffic, and
+//! four cgroup sock_addr programs that translate the node's own sockets (F2).
 //!
 //! The entry points are thin; every concern lives in its own module, in the
 //! style of Cilium's bpf/lib:
@@ -33,7 +34,10 @@ mod service;
 mod sock;
 mod stats;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
 
 /// Where a program is attached. Passed as a constant so every program is
 /// specialised at compile time.
@@ -71,6 +75,31 @@ pub fn lb_uplink_ingress(ctx: TcContext) -> i32 {
 pub fn lb_uplink_egress(ctx: TcContext) -> i32 {
     maps::keep_unread_maps();
     egress::run(&ctx)
+}
+
+/// cgroup/connect4 (F2): a host-network socket's connect() to a frontend
+/// goes to a backend.
+#[cgroup_sock_addr(connect4)]
+pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx)
+}
+
+/// cgroup/sendmsg4 (F2): an unconnected UDP socket's sendto() to a frontend.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx)
+}
+
+/// cgroup/recvmsg4 (F2): recvfrom() reports the frontend as the source.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+/// cgroup/getpeername4 (F2): getpeername() reports the frontend.
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
 }
 
 #[cfg(not(test))]

@@ -290,7 +290,14 @@ fn grants(role: &ClusterRole) -> BTreeSet<(String, String, String)> {
 
 /// What every render must have, whatever the values: the privileges, mounts
 /// and wiring without which the agent cannot work.
-fn assert_node_agent_basics(r: &Release, bpffs_host: &str, cgroup_host: &str, healthz_port: i32) {
+/// `cgroup_host`: the host cgroup hierarchy mounted for socket LB (F2),
+/// `None` when socket LB is off (nothing mounted).
+fn assert_node_agent_basics(
+    r: &Release,
+    bpffs_host: &str,
+    cgroup_host: Option<&str>,
+    healthz_port: i32,
+) {
     let ds = r.daemonset();
     assert_eq!(ds.metadata.namespace.as_deref(), Some(NAMESPACE));
     let spec = ds.spec.as_ref().unwrap();
@@ -337,7 +344,8 @@ fn assert_node_agent_basics(r: &Release, bpffs_host: &str, cgroup_host: &str, he
         Some("--node-name=$(NODE_NAME)")
     );
 
-    // bpffs: the host's, Bidirectional; cgroup: the host's.
+    // bpffs: the host's, Bidirectional; cgroup: the host's, read-only, at
+    // the same path (over the container's own cgroup view).
     let volumes: BTreeMap<&str, _> = pod
         .volumes
         .iter()
@@ -365,8 +373,19 @@ fn assert_node_agent_basics(r: &Release, bpffs_host: &str, cgroup_host: &str, he
         Some("Bidirectional")
     );
     assert_ne!(mounts["bpffs"].read_only, Some(true));
-    assert_eq!(host_path("cgroup"), cgroup_host);
-    assert_eq!(mounts["cgroup"].mount_path, cgroup_host);
+    match cgroup_host {
+        Some(cgroup_host) => {
+            assert_eq!(host_path("cgroup"), cgroup_host);
+            assert_eq!(mounts["cgroup"].mount_path, cgroup_host);
+            assert_eq!(mounts["cgroup"].read_only, Some(true));
+            assert!(!args.iter().any(|a| a == "--no-socket-lb"));
+        }
+        None => {
+            assert!(!volumes.contains_key("cgroup"), "no cgroup volume");
+            assert!(!mounts.contains_key("cgroup"), "no cgroup mount");
+            assert!(args.iter().any(|a| a == "--no-socket-lb"));
+        }
+    }
 
     // Probes on the configured healthz port.
     let probe = |p: Option<&k8s_openapi::api::core::v1::Probe>, what: &str| {
@@ -407,7 +426,7 @@ fn lint_is_clean() {
 #[test]
 fn default_values() {
     let r = render_release(None);
-    assert_node_agent_basics(&r, "/sys/fs/bpf", "/sys/fs/cgroup", 10256);
+    assert_node_agent_basics(&r, "/sys/fs/bpf", Some("/sys/fs/cgroup"), 10256);
 
     let ds = r.daemonset();
     assert_eq!(ds.metadata.name.as_deref(), Some("lb-agent"));
@@ -513,7 +532,7 @@ fn default_values() {
 #[test]
 fn custom_values_reach_the_objects() {
     let r = render_release(Some(&custom_values()));
-    assert_node_agent_basics(&r, "/sys/fs/bpf", "/run/lb/cgroupv2", 20256);
+    assert_node_agent_basics(&r, "/sys/fs/bpf", Some("/run/lb/cgroupv2"), 20256);
 
     // serviceAccount.create=false, rbac.create=false: only the DaemonSet,
     // running as the named existing account.
@@ -605,6 +624,7 @@ fn custom_values_reach_the_objects() {
             "--sync-period=5m",
             "--poll-interval=2s",
             "--log-level=debug",
+            "--cgroup-path=/run/lb/cgroupv2/unified",
             "--some-future-flag=1",
         ])
     );
@@ -728,6 +748,24 @@ fn service_account_name_is_wired_everywhere() {
     }
 }
 
+/// agent.socketLB=false: `--no-socket-lb`, and the host's cgroup hierarchy
+/// is not mounted (nor is agent.cgroupPath passed).
+#[test]
+fn socket_lb_off_mounts_no_cgroup() {
+    let tmp = TempDir::new("socketlb");
+    let values = tmp.write(
+        "values.yaml",
+        "agent:\n  socketLB: false\n  cgroupPath: /sys/fs/cgroup/unified\n",
+    );
+    let r = render_release(Some(&values));
+    assert_node_agent_basics(&r, "/sys/fs/bpf", None, 10256);
+    let args = r.agent().args.clone().unwrap_or_default();
+    assert!(
+        !args.iter().any(|a| a.starts_with("--cgroup-path")),
+        "{args:?}"
+    );
+}
+
 #[test]
 fn values_that_would_break_the_agent_are_refused() {
     let tmp = TempDir::new("refuse");
@@ -743,6 +781,8 @@ fn values_that_would_break_the_agent_are_refused() {
             "agent:\n  healthz:\n    port: 70000\n",
             "between 1 and 65535",
         ),
+        // Socket LB on a cgroup directory the container does not have.
+        ("agent:\n  cgroupPath: /run/elsewhere\n", "hostPaths.cgroup"),
     ];
     for (i, (yaml, want)) in cases.iter().enumerate() {
         let values = tmp.write(&format!("v{i}.yaml"), yaml);

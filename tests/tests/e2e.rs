@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use lb_tests::objects::{endpoint_slice, manifest, service, Endpoint, ServicePort, ServiceType};
 use lb_tests::require_privileges;
-use lb_tests::topology::{Frontend, Topology, EXTERNAL_IP};
+use lb_tests::topology::{Frontend, Topology};
 
 const WARMUP: Duration = Duration::from_secs(10);
 

@@ -87,6 +87,12 @@ bound to a loopback address, which is reachable only there (hostNetwork).
 {{- if not (hasPrefix (printf "%s/" $root) $bpffs) -}}
 {{- fail (printf "agent.bpffs (%s) must be a directory below hostPaths.bpffs (%s): pins elsewhere would live in the container and be lost on restart" $bpffs $root) -}}
 {{- end -}}
+{{- with .Values.agent.cgroupPath -}}
+{{- $cg := trimSuffix "/" $.Values.hostPaths.cgroup -}}
+{{- if and $.Values.agent.socketLB (ne (trimSuffix "/" (toString .)) $cg) (not (hasPrefix (printf "%s/" $cg) (toString .))) -}}
+{{- fail (printf "agent.cgroupPath (%s) must be hostPaths.cgroup (%s) or below it: only the host's cgroup hierarchy is mounted into the container" . $cg) -}}
+{{- end -}}
+{{- end -}}
 {{- if and (not .Values.serviceAccount.create) .Values.rbac.create (not .Values.serviceAccount.name) -}}
 {{- fail "rbac.create=true with serviceAccount.create=false needs serviceAccount.name: the chart will not grant its ClusterRole to the namespace's default service account" -}}
 {{- end -}}

@@ -30,6 +30,7 @@ use lb_common::DatapathConfig;
 use lb_core::desired::DesiredPorts;
 use lb_core::model::ObjectKind;
 use lb_core::plan::{Limits, Plan, PlanError, Planner, Scope};
+use lb_core::MapOp;
 use regex::Regex;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
@@ -38,8 +39,10 @@ use tracing::{debug, error, info, warn};
 pub use events::EventSink;
 pub use interfaces::{interfaces_to_attach, nodeport_addrs, parse_cidrs, uplink_addrs};
 
+use crate::dataplane::cgroup;
 use crate::dataplane::conntrack_gc;
 use crate::dataplane::netlink;
+use crate::dataplane::sockets::SocketReaper;
 use crate::dataplane::{self, error_chain, DatapathMaps, Dataplane, Role};
 use crate::observe::health::{self, ProxyHealth, ServiceHealthServers};
 use crate::observe::metrics::{self, Metrics};
@@ -61,7 +64,8 @@ pub struct Settings {
     /// NodePorts answer only on addresses inside these (empty: all).
     pub nodeport_cidrs: Vec<Ipv4Net>,
     /// Globals of the datapath (conntrack lifetimes, SNAT ports, cluster
-    /// CIDR, hairpin address).
+    /// CIDR, hairpin address). `netns_cookie` is the agent's to fill in: its
+    /// own network namespace's when socket LB is on.
     pub datapath: DatapathConfig,
     /// F2: socket-level load balancing for host-network processes.
     pub socket_lb: SocketLb,
@@ -208,6 +212,9 @@ struct Agent {
     health_servers: ServiceHealthServers,
     events: Option<EventSink>,
     pending: Pending,
+    /// F2 + E4: destroys connected UDP sockets of the node whose backend
+    /// left (socket LB on).
+    sockets: Option<SocketReaper>,
     /// An apply failed part way: rebuild the mirror from the maps first.
     needs_resync: bool,
     pruned_stale_pins: bool,
@@ -217,13 +224,53 @@ struct Agent {
 
 impl Agent {
     fn new(
-        settings: Settings,
+        mut settings: Settings,
         metrics: Arc<Metrics>,
         health: Arc<ProxyHealth>,
         events: Option<EventSink>,
     ) -> Result<Self> {
-        let dp = Dataplane::load(&settings.bpffs, &settings.datapath)
+        // F2: the socket hooks translate the sockets of this network
+        // namespace only, the node's (the agent runs with hostNetwork).
+        let cgroup = match &settings.socket_lb {
+            SocketLb::Off => None,
+            SocketLb::CgroupRoot => Some(
+                cgroup::find_cgroup2_root().context("finding the cgroup v2 root for socket LB")?,
+            ),
+            SocketLb::Cgroup(dir) => Some(dir.clone()),
+        };
+        settings.datapath.netns_cookie = if cgroup.is_some() {
+            cgroup::own_netns_cookie().context(
+                "reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+) for \
+                 socket LB; --no-socket-lb runs without it",
+            )?
+        } else {
+            0
+        };
+        let mut dp = Dataplane::load(&settings.bpffs, &settings.datapath)
             .with_context(|| format!("loading the datapath into {}", settings.bpffs.display()))?;
+        match dp
+            .sync_socket_lb(cgroup.as_deref())
+            .map_err(|e| anyhow::anyhow!(error_chain(&e)))
+            .context("setting up socket-level load balancing (F2; --no-socket-lb turns it off)")?
+        {
+            Some(a) => info!(
+                cgroup = %a.cgroup.display(),
+                netns_cookie = settings.datapath.netns_cookie,
+                "socket LB for host-network processes {}",
+                if a.adopted {
+                    "adopted pinned cgroup links (programs swapped in place)"
+                } else {
+                    "attached to the cgroup"
+                }
+            ),
+            None => info!("socket LB off: host-network processes reach no Service"),
+        }
+        let sockets = match &cgroup {
+            Some(_) => Some(
+                SocketReaper::open(&settings.bpffs).context("opening the socket rev-NAT map")?,
+            ),
+            None => None,
+        };
         // Start from what is in the maps (an earlier agent's work): every
         // plan is a diff against it, never a flush.
         let applied = dp.maps.read_contents().context("reading pinned maps")?;
@@ -248,6 +295,7 @@ impl Agent {
                 ..Pending::default()
             },
             settings,
+            sockets,
             needs_resync: false,
             pruned_stale_pins: false,
             ready_logged: false,
@@ -423,6 +471,23 @@ impl Agent {
         for e in &plan.new_errors {
             error!("{e}");
         }
+        // E4 (socket LB): the backends this plan deletes or rewrites, as they
+        // were; those that leave their service port are swept below.
+        let touched: Vec<(u32, lb_common::BackendValue)> = match &self.sockets {
+            Some(_) => {
+                let before = &self.planner.contents().backends;
+                plan.ops
+                    .iter()
+                    .filter_map(|op| match op {
+                        MapOp::PutBackend(id, _) | MapOp::DeleteBackend(id) => {
+                            before.get(id).map(|b| (*id, *b))
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         let t0 = Instant::now();
         if let Err(e) = self.dp.maps.apply_all(&plan.ops) {
             // Some of the plan may be in the maps: re-read them before the
@@ -435,6 +500,11 @@ impl Agent {
         }
         self.metrics.observe_sync(t0.elapsed());
         self.health.updated();
+        if let Some(reaper) = &mut self.sockets {
+            if reaper.note_left(&touched, &self.planner.contents().backends) {
+                self.destroy_stale_udp_sockets();
+            }
+        }
         let n = plan.ops.len();
         if n > 0 {
             self.generation += 1;
@@ -548,8 +618,29 @@ impl Agent {
         Ok(changed)
     }
 
+    /// E4 for the node's connected UDP sockets: destroys those socket LB
+    /// sent to a backend that left its service (`dataplane::sockets`). Run
+    /// after every plan that took endpoints out and on the GC tick.
+    fn destroy_stale_udp_sockets(&mut self) {
+        let Some(reaper) = &mut self.sockets else {
+            return;
+        };
+        match reaper.destroy_stale_udp(&self.planner.contents().backends) {
+            Ok(r) if r.destroyed > 0 => info!(
+                destroyed = r.destroyed,
+                checked = r.checked,
+                "connected UDP sockets moved off removed backends"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "cannot list or destroy stale UDP sockets (E4); will retry")
+            }
+        }
+    }
+
     /// Deletes idle conntrack entries (both directions of a flow together).
     fn collect_conntrack(&mut self) {
+        self.destroy_stale_udp_sockets();
         let entries = match self.datapath_maps.conntrack_entries() {
             Ok(e) => e,
             Err(e) => {

@@ -1,6 +1,7 @@
 //! The side effects on the kernel: load the eBPF object, pin its maps under
-//! the bpffs directory, attach the TC programs to uplinks and pod interfaces,
-//! and execute map writes.
+//! the bpffs directory, attach the TC programs to uplinks and pod interfaces
+//! and the socket-LB programs to a cgroup (`cgroup`), execute map writes,
+//! and destroy sockets whose backend went away (`sockets`).
 //!
 //! Restart without a gap: maps are pinned (a new agent reopens them, so
 //! conntrack survives) and TCX links are pinned (a new agent swaps its
@@ -8,9 +9,11 @@
 //! process itself holds no link: the pins do, so an agent that exits or
 //! crashes leaves the datapath running.
 
+pub mod cgroup;
 pub mod conntrack_gc;
 pub mod maps;
 pub mod netlink;
+pub mod sockets;
 mod sys;
 
 use std::collections::BTreeMap;
@@ -21,6 +24,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::SchedClassifierLink;
 use aya::programs::{tc, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
+use cgroup::SocketLbAttachment;
 use lb_common::{map_names, program_names, DatapathConfig, DATAPATH_CONFIG_GLOBAL};
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -65,6 +69,8 @@ pub enum DataplaneError {
     },
     #[error(transparent)]
     Maps(#[from] MapsError),
+    #[error("socket-level load balancing: {0}")]
+    SocketLb(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DataplaneError + '_ {
@@ -202,6 +208,10 @@ pub struct Dataplane {
     /// Links that could not be pinned (netlink TC attach on kernels without
     /// TCX). Held here; they detach when the agent exits.
     unpinned: Vec<SchedClassifierLink>,
+    /// F2: where the socket-LB programs are attached (`cgroup`).
+    socket_lb: Option<SocketLbAttachment>,
+    /// Socket-LB attachments without a bpf link (kernels before 5.7).
+    unpinned_cgroup: Vec<aya::programs::cgroup_sock_addr::CgroupSockAddrLink>,
 }
 
 impl Dataplane {
@@ -233,6 +243,8 @@ impl Dataplane {
             dir: dir.to_path_buf(),
             attached: BTreeMap::new(),
             unpinned: Vec::new(),
+            socket_lb: None,
+            unpinned_cgroup: Vec::new(),
         })
     }
 
@@ -290,6 +302,10 @@ impl Dataplane {
         for e in entries.flatten() {
             let file = e.file_name();
             let Some(file) = file.to_str() else { continue };
+            // The socket-LB links belong to a cgroup (`sync_socket_lb`).
+            if file.starts_with(cgroup::PIN_PREFIX) {
+                continue;
+            }
             if !link_pin_is_current(file, current) {
                 info!(pin = file, "removing link pin of an interface that is gone");
                 let _ = std::fs::remove_file(e.path());

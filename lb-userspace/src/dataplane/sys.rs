@@ -4,13 +4,14 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 use aya::maps::MapData;
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// Most elements per BPF_MAP_UPDATE_BATCH call.
@@ -71,6 +72,28 @@ pub fn link_detach(link: &OwnedFd) -> io::Result<()> {
         _pad: 0,
     };
     bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
+}
+
+/// BPF_LINK_UPDATE: puts `prog` into `link` atomically, in place of
+/// whatever program it runs (aya 0.14 has this only for TCX links; cgroup
+/// links support it since 5.7). The program must have the link's attach
+/// type.
+pub fn link_update(link: &OwnedFd, prog: BorrowedFd<'_>) -> io::Result<()> {
+    // link_update: link_fd, new_prog_fd, flags, old_prog_fd (u32 each).
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let mut attr = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
 /// BPF_MAP_UPDATE_BATCH (kernel 5.6+): one syscall for many elements of one

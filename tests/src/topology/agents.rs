@@ -150,6 +150,17 @@ impl Topology {
             "--bpffs",
             &bpffs_s,
         ];
+        // F2: the node's own cgroup, never the machine's cgroup root.
+        let cgroup_s = n.cgroup.as_ref().map(|c| c.to_string_lossy().into_owned());
+        let socket_lb_given = extra_args
+            .iter()
+            .any(|a| a.starts_with("--cgroup-path") || *a == "--no-socket-lb");
+        if !socket_lb_given {
+            match &cgroup_s {
+                Some(c) => argv.extend_from_slice(&["--cgroup-path", c]),
+                None => argv.push("--no-socket-lb"),
+            }
+        }
         argv.extend_from_slice(extra_args);
         let name = format!("agent-{node}");
         {

@@ -37,9 +37,49 @@ except Exception as e:
     sys.exit(1)
 "#;
 
-/// Writes the client script into the topology's directory.
+/// Python client holding one *connected* UDP socket, as a long-lived
+/// resolver or metrics client does: each stdin line is sent, the answer
+/// printed with ` reconnects=N` appended. When the socket fails (destroyed
+/// under it: ECONNABORTED, EDESTADDRREQ) it connects a new one and sends
+/// again, as such clients do; a timeout prints `ERROR timeout`.
+const UDP_CLIENT_PY: &str = r#"
+import errno, socket, sys
+target = (sys.argv[1], int(sys.argv[2]))
+def connect():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    s.connect(target)
+    return s
+reconnects = 0
+try:
+    s = connect()
+    print("connected", flush=True)
+    for line in sys.stdin:
+        for attempt in range(3):
+            try:
+                s.send(line.encode())
+                answer = s.recv(4096).decode().strip()
+                print(f"{answer} reconnects={reconnects}", flush=True)
+                break
+            except socket.timeout:
+                print("ERROR timeout", flush=True)
+                break
+            except OSError as e:
+                reconnects += 1
+                sys.stderr.write(f"reconnecting after {errno.errorcode.get(e.errno, e.errno)}\n")
+                s.close()
+                s = connect()
+        else:
+            print("ERROR no answer after reconnecting", flush=True)
+except Exception as e:
+    print(f"ERROR {e}", flush=True)
+    sys.exit(1)
+"#;
+
+/// Writes the client scripts into the topology's directory.
 pub(super) fn install_scripts(dir: &Path) -> Result<()> {
     std::fs::write(dir.join("client.py"), CLIENT_PY)?;
+    std::fs::write(dir.join("udp_client.py"), UDP_CLIENT_PY)?;
     Ok(())
 }
 
@@ -204,10 +244,22 @@ impl Topology {
     /// Opens a long-lived TCP connection from `who` to `target` (a python
     /// client): send lines and read answers over the same connection.
     pub fn connect(&self, who: &str, target: SocketAddrV4) -> Result<Connection> {
-        let netns = self.netns(who);
-        let script = self.dir.join("client.py");
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &netns, python()])
+        self.line_client(who, "client.py", target)
+    }
+
+    /// Opens a long-lived *connected* UDP socket from `who` to `target` (a
+    /// python client that reconnects when its socket fails; each answer's
+    /// `raw` ends with `reconnects=N`).
+    pub fn connect_udp(&self, who: &str, target: SocketAddrV4) -> Result<Connection> {
+        self.line_client(who, "udp_client.py", target)
+    }
+
+    fn line_client(&self, who: &str, script: &str, target: SocketAddrV4) -> Result<Connection> {
+        let script = self.dir.join(script);
+        let prefix = self.host_prefix(who);
+        let mut c = Command::new(&prefix[0]);
+        c.args(&prefix[1..])
+            .arg(python())
             .arg(&script)
             .arg(target.ip().to_string())
             .arg(target.port().to_string())
@@ -215,7 +267,9 @@ impl Topology {
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         background(&mut c);
-        let mut child = c.spawn().context("spawning the TCP client")?;
+        let mut child = c
+            .spawn()
+            .with_context(|| format!("spawning the client {}", script.display()))?;
         let stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
         let (tx, rx) = mpsc::channel();

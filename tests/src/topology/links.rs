@@ -92,6 +92,7 @@ impl Topology {
                 pod_cidr: format!("10.244.{index}.0/24"),
                 bpffs: Path::new(BPFFS_ROOT).join(format!("{}{name}", self.prefix)),
                 uplink: "eth0".to_string(),
+                cgroup: self.cgroup.as_ref().map(|c| c.join(name)),
             };
             self.add_node(&node)?;
             self.nodes.push(node);
@@ -140,6 +141,9 @@ impl Topology {
     /// peer (`n<index>`) is on the lan bridge, and the cni0 bridge.
     fn add_node(&mut self, node: &Node) -> Result<()> {
         let (lan, netns) = (self.lan.clone(), node.netns.as_str());
+        if let Some(cg) = &node.cgroup {
+            super::cgroups::create(cg)?;
+        }
         self.add_netns(netns)?;
         make_kubeadm_like(netns)?;
         let lan_port = format!("n{}", node.index);

@@ -30,7 +30,15 @@
 //! - `clients`: curl, dig, socat and long-lived connections, and the
 //!   backends' [`Reply`];
 //! - `agents`: one `lb-agent` per node (manifest or fake API server), lbctl,
-//!   waiting for backends, diagnostics of a failed test.
+//!   waiting for backends, diagnostics of a failed test;
+//! - `cgroups`: one cgroup v2 directory per node for the agent's socket-LB
+//!   hooks (F2), and host processes of a node in it.
+//!
+//! Hosts are named by node, pod, `ext` or `lan`; `<node>:host` (see
+//! [`host`]) is a host-network process of a node: the node's namespace and
+//! the node's cgroup, so its sockets go through the agent's cgroup hooks.
+//! Commands in a node's plain name run in its namespace only, outside that
+//! cgroup (setup, `ss`, `iptables`: nothing of lb applies to them).
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -43,12 +51,14 @@ use anyhow::{bail, Context, Result};
 use crate::netns::NamedNetns;
 
 mod agents;
+mod cgroups;
 mod clients;
 mod links;
 mod processes;
 mod servers;
 
 pub use agents::Frontend;
+pub use cgroups::cgroup2_root;
 pub use clients::{Connection, Reply};
 pub use processes::{cleanup_stale, exec_in, run, Output};
 
@@ -64,6 +74,14 @@ pub const API_SERVER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const LAN_CIDR: &str = "198.18.0.0/24";
 /// Default time the `wait_*` helpers wait for the agents.
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(20);
+/// `<node>` + this names a host-network process of the node (see [`host`]).
+pub const HOST_SUFFIX: &str = ":host";
+
+/// The host name of a host-network process of `node`: its network namespace
+/// and its cgroup (where the node's agent attaches socket LB).
+pub fn host(node: &str) -> String {
+    format!("{node}{HOST_SUFFIX}")
+}
 
 /// Tells topologies of one process apart.
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -84,6 +102,10 @@ pub struct Node {
     /// The agent's pin directory (`--bpffs`).
     pub bpffs: PathBuf,
     pub uplink: String,
+    /// The node's cgroup v2 directory: the agent's `--cgroup-path`, and where
+    /// [`host`] processes run. `None` without a cgroup v2 hierarchy (the
+    /// agents then run with `--no-socket-lb`).
+    pub cgroup: Option<PathBuf>,
 }
 
 /// One pod: a namespace attached to its node's cni0 by a veth.
@@ -148,7 +170,9 @@ impl TopologyBuilder {
         servers::install_scripts(&dir)?;
         clients::install_scripts(&dir)?;
 
+        let cgroup = cgroups::cgroup2_root().map(|r| r.join(prefix.trim_end_matches('-')));
         let mut topo = Topology {
+            cgroup,
             lan: format!("{prefix}lan"),
             external: (!self.no_external).then(|| format!("{prefix}ext")),
             prefix,
@@ -169,6 +193,8 @@ impl TopologyBuilder {
 pub struct Topology {
     prefix: String,
     dir: PathBuf,
+    /// The parent of the nodes' cgroups (`<cgroup2>/lbt<pid>-<n>`).
+    cgroup: Option<PathBuf>,
     lan: String,
     external: Option<String>,
     nodes: Vec<Node>,
@@ -233,6 +259,7 @@ impl Topology {
 
     /// The namespace of a node, a pod, or `ext`/`lan`.
     pub fn netns(&self, name: &str) -> String {
+        let name = name.strip_suffix(HOST_SUFFIX).unwrap_or(name);
         if let Some(n) = self.nodes.iter().find(|n| n.name == name) {
             return n.netns.clone();
         }
@@ -250,12 +277,18 @@ impl Topology {
 
     /// Removes everything, in the order that lets each step work: processes
     /// (agents gracefully, so they leave their pins), the agents' pinned
-    /// state (cleaned up inside each node, which must still exist), then the
-    /// namespaces, newest first.
+    /// state (cleaned up inside each node, which must still exist), the
+    /// nodes' cgroups, then the namespaces, newest first.
     fn teardown(&mut self) {
         self.stop_processes();
         for n in &self.nodes {
             processes::cleanup_pins(&n.bpffs, Some(&n.netns));
+        }
+        // After the pins: the agents' cgroup links are detached by then.
+        if let Some(cg) = &self.cgroup {
+            if let Err(e) = cgroups::remove(cg) {
+                eprintln!("warning: {e:#}");
+            }
         }
         while let Some(ns) = self.namespaces.pop() {
             drop(ns);

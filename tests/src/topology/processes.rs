@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{Topology, BPFFS_ROOT, NAME_PREFIX};
+use super::cgroups::{cleanup_stale_cgroups, ENTER_SCRIPT};
+use super::{Topology, BPFFS_ROOT, HOST_SUFFIX, NAME_PREFIX};
 use crate::artifacts;
 use crate::netns::kill_processes_in;
 
@@ -171,9 +172,58 @@ pub(super) fn exec_ok(netns: &str, argv: &[&str]) -> Result<String> {
 }
 
 impl Topology {
-    /// Runs `argv` in the namespace of host `who` (node, pod, `ext`) with `ip netns exec`.
+    /// The argv that runs a command as host `who`: `ip netns exec NETNS` for a
+    /// node, pod, `ext` or `lan`; for `<node>:host` the node's namespace
+    /// (`nsenter --net`) inside the node's cgroup.
+    pub(super) fn host_prefix(&self, who: &str) -> Vec<String> {
+        match who.strip_suffix(HOST_SUFFIX) {
+            Some(node) => self.cgroup_prefix(node, node),
+            None => ["ip", "netns", "exec"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([self.netns(who)])
+                .collect(),
+        }
+    }
+
+    /// The argv that runs a command in the network namespace of host `who`
+    /// and in the cgroup of `node`.
+    fn cgroup_prefix(&self, node: &str, who: &str) -> Vec<String> {
+        let cgroup = self.node(node).cgroup.as_ref().unwrap_or_else(|| {
+            panic!("{node} has no cgroup: this machine has no cgroup v2 hierarchy")
+        });
+        vec![
+            "sh".to_string(),
+            "-c".to_string(),
+            ENTER_SCRIPT.to_string(),
+            "sh".to_string(),
+            cgroup.join("cgroup.procs").to_string_lossy().into_owned(),
+            format!("/run/netns/{}", self.netns(who)),
+        ]
+    }
+
+    /// Runs `argv` as host `who` (node, pod, `ext`, `<node>:host`).
     pub fn exec(&self, who: &str, argv: &[&str], timeout: Duration) -> Result<Output> {
-        exec_in(&self.netns(who), argv, timeout)
+        let prefix = self.host_prefix(who);
+        let mut full: Vec<&str> = prefix.iter().map(String::as_str).collect();
+        full.extend_from_slice(argv);
+        run(&full, timeout)
+    }
+
+    /// Runs `argv` in the network namespace of host `who` but inside the
+    /// cgroup of `node` (e.g. a pod's process under the node's cgroup hooks,
+    /// as every pod is below the cgroup v2 root on a real node).
+    pub fn exec_in_cgroup_of(
+        &self,
+        node: &str,
+        who: &str,
+        argv: &[&str],
+        timeout: Duration,
+    ) -> Result<Output> {
+        let prefix = self.cgroup_prefix(node, who);
+        let mut full: Vec<&str> = prefix.iter().map(String::as_str).collect();
+        full.extend_from_slice(argv);
+        run(&full, timeout)
     }
 
     /// Like [`exec`](Self::exec), stdout on success, an error otherwise.
@@ -186,8 +236,8 @@ impl Topology {
     /// killed with the topology and when the spawning thread dies). Output goes
     /// to `<dir>/<name>.log`.
     pub fn spawn(&self, who: &str, name: &str, argv: &[&str]) -> Result<()> {
-        let netns = self.netns(who);
-        let mut full = vec!["ip", "netns", "exec", netns.as_str()];
+        let prefix = self.host_prefix(who);
+        let mut full: Vec<&str> = prefix.iter().map(String::as_str).collect();
         full.extend_from_slice(argv);
         self.spawn_raw(name, &full, None)
     }
@@ -295,7 +345,7 @@ pub(super) fn cleanup_pins(bpffs: &Path, netns: Option<&str>) {
 }
 
 /// The pid in a name `lbt<pid>-...` when that process is gone (a crashed run).
-fn stale_owner(name: &str) -> Option<u32> {
+pub(super) fn stale_owner(name: &str) -> Option<u32> {
     let rest = name.strip_prefix(NAME_PREFIX)?;
     let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
     if digits.is_empty() || !rest[digits.len()..].starts_with('-') {
@@ -306,8 +356,8 @@ fn stale_owner(name: &str) -> Option<u32> {
     (!alive).then_some(pid)
 }
 
-/// Removes namespaces, pin directories and temp directories left by runs
-/// whose process is gone.
+/// Removes namespaces, pin directories, cgroups and temp directories left by
+/// runs whose process is gone.
 pub fn cleanup_stale() {
     let netns: Vec<String> = std::fs::read_dir("/run/netns")
         .map(|d| {
@@ -326,6 +376,8 @@ pub fn cleanup_stale() {
             }
         }
     }
+    // After the pins (their cgroup links are detached by then).
+    cleanup_stale_cgroups();
     for ns in &netns {
         eprintln!("removing stale network namespace {ns}");
         kill_processes_in(ns);
