@@ -50,6 +50,8 @@ pub enum DataplaneError {
     },
     #[error("{path} is not on a bpf filesystem; mount one (mount -t bpf bpf /sys/fs/bpf) or choose another --bpffs")]
     NotBpffs { path: String },
+    #[error("refusing pin directory {path}: {reason}; remove it or choose another --bpffs")]
+    Insecure { path: String, reason: String },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
@@ -156,33 +158,80 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Makes sure `dir` can hold pins: mounts bpffs at /sys/fs/bpf when `dir` is
-/// below it and nothing is mounted there (a fresh node has no bpffs mounted).
+/// below it and nothing is mounted there (a fresh node has no bpffs mounted),
+/// with mode 0700; creates the pin directories 0700 and refuses ones that
+/// another user owns or may write to.
 pub fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
     let sys_bpf = Path::new("/sys/fs/bpf");
     if dir.starts_with(sys_bpf) && !is_bpffs(sys_bpf) {
-        info!("mounting bpffs at /sys/fs/bpf");
+        info!("mounting bpffs at /sys/fs/bpf (mode 0700)");
         std::fs::create_dir_all(sys_bpf).map_err(io_err(sys_bpf))?;
         let src = c"bpf";
         let target = c"/sys/fs/bpf";
-        // SAFETY: all pointers are valid NUL-terminated strings; data is null.
+        let data = c"mode=0700";
+        // SAFETY: all pointers are valid NUL-terminated strings.
         let rc = unsafe {
             libc::mount(
                 src.as_ptr(),
                 target.as_ptr(),
                 src.as_ptr(),
                 0,
-                std::ptr::null(),
+                data.as_ptr().cast(),
             )
         };
         if rc != 0 {
             return Err(io_err(sys_bpf)(io::Error::last_os_error()));
         }
     }
-    std::fs::create_dir_all(dir.join(LINKS_DIR)).map_err(io_err(dir))?;
+    secure_dir(dir)?;
+    secure_dir(&dir.join(LINKS_DIR))?;
     if !is_bpffs(dir) {
         return Err(DataplaneError::NotBpffs {
             path: dir.display().to_string(),
         });
+    }
+    Ok(())
+}
+
+/// A pin directory the agent may trust: created 0700 when missing (parents
+/// too); an existing one must be a real directory owned by the agent's user
+/// and writable by nobody else, because whatever is pinned in it is loaded
+/// into the kernel's datapath or read back as the datapath's state. An
+/// existing one of the agent's own with looser read bits is tightened.
+fn secure_dir(path: &Path) -> Result<(), DataplaneError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    if !path.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(io_err(path))?;
+    }
+    let meta = std::fs::symlink_metadata(path).map_err(io_err(path))?;
+    let insecure = |reason: String| DataplaneError::Insecure {
+        path: path.display().to_string(),
+        reason,
+    };
+    if !meta.is_dir() {
+        return Err(insecure("not a directory (a symlink or a file)".into()));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(insecure(format!(
+            "owned by uid {}, not by the agent's uid {me}",
+            meta.uid()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(insecure(format!(
+            "mode {mode:04o}: writable by group or others"
+        )));
+    }
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err(path))?;
     }
     Ok(())
 }
