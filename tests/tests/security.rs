@@ -87,7 +87,13 @@ fn pins_are_root_only_and_nobody_else_can_read_or_unlink_them() {
     let dir_s = dir.to_string_lossy();
     assert!(!as_nobody(&["ls", &dir_s]));
     // Nor through bpftool (BPF_OBJ_GET needs access to the pin).
-    assert!(!as_nobody(&["bpftool", "map", "dump", "pinned", &services_s]));
+    assert!(!as_nobody(&[
+        "bpftool",
+        "map",
+        "dump",
+        "pinned",
+        &services_s
+    ]));
 }
 
 /// Starts the agent in a namespace of its own with `--bpffs dir`; returns its
@@ -108,7 +114,11 @@ fn agent_refuses(dir: &Path) -> String {
         .output()
         .expect("running lb-agent");
     let _ = std::fs::remove_file(&manifest_path);
-    assert!(!out.status.success(), "the agent started with {}", dir.display());
+    assert!(
+        !out.status.success(),
+        "the agent started with {}",
+        dir.display()
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -171,7 +181,10 @@ fn metrics_listen_on_localhost_by_default() {
             assert!(!listening.contains("*:10249"), "{listening}");
             break;
         }
-        assert!(Instant::now() < deadline, "no metrics listener: {listening}");
+        assert!(
+            Instant::now() < deadline,
+            "no metrics listener: {listening}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
