@@ -36,7 +36,9 @@ pub mod map_names {
     /// asked for (recvmsg/getpeername show it; the agent finds connected UDP
     /// sockets of a backend that went away).
     pub const SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
-    pub const ALL: [&str; 11] = [
+    /// The layout version of all the maps (one u32, `LAYOUT_VERSION`).
+    pub const LAYOUT: &str = "LB_LAYOUT";
+    pub const ALL: [&str; 12] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -48,8 +50,15 @@ pub mod map_names {
         UPLINK_ADDRS,
         SOURCE_RANGES,
         SOCK_REVNAT,
+        LAYOUT,
     ];
 }
+
+/// The version of the map layouts (key and value types, and what their
+/// fields mean). Bump it with any change an older agent or datapath would
+/// misread; the agent refuses pinned maps of another version (naming the map
+/// and the command that starts over) instead of misreading them.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Names of the kernel programs (the entry point function names in lb-ebpf).
 pub mod program_names {

@@ -7,7 +7,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -95,6 +95,12 @@ pub static LB_SERVICE_NAMES: HashMap<
     NO_PREALLOC,
 > = HashMap::new();
 
+/// The layout version of the maps (`lb_common::LAYOUT_VERSION`), written by
+/// the agent when it creates the maps: an agent that finds pinned maps of
+/// another layout migrates or refuses them instead of misreading them.
+#[btf_map]
+pub static LB_LAYOUT: Array<u32, 1> = Array::new();
+
 /// Load-time configuration, overridden by userspace with
 /// `EbpfLoader::override_global(lb_common::DATAPATH_CONFIG_GLOBAL, ..)`.
 #[unsafe(no_mangle)]
@@ -118,4 +124,5 @@ pub fn config() -> DatapathConfig {
 pub fn keep_unread_maps() {
     core::hint::black_box(core::ptr::addr_of!(LB_SERVICE_NAMES));
     core::hint::black_box(core::ptr::addr_of!(LB_SOCK_REVNAT));
+    core::hint::black_box(core::ptr::addr_of!(LB_LAYOUT));
 }

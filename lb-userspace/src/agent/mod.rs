@@ -108,6 +108,12 @@ pub enum Mode {
 /// Runs the agent until SIGTERM or SIGINT. Programs stay attached and maps
 /// pinned when it returns: the next agent adopts them.
 pub async fn run(settings: Settings, mode: Mode) -> Result<()> {
+    // First of all: a SIGTERM while the agent starts (a rollout that moves
+    // on quickly) must stop it cleanly, not kill it half way.
+    let signals = Signals {
+        term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+        int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+    };
     let metrics = Metrics::new();
     let health = ProxyHealth::new(2 * settings.sync_period);
     let (source, events, poll) = match mode {
@@ -137,7 +143,7 @@ pub async fn run(settings: Settings, mode: Mode) -> Result<()> {
         agent.settings.conntrack_gc_interval,
         agent.settings.sync_period,
     );
-    let result = agent.run(source, ticks, changed).await;
+    let result = agent.run(source, ticks, changed, signals).await;
     info!(bpffs = %agent.settings.bpffs.display(), "stopping; programs stay attached and maps stay pinned for the next agent");
     result
 }
@@ -145,6 +151,12 @@ pub async fn run(settings: Settings, mode: Mode) -> Result<()> {
 /// `lb-agent --cleanup`: detach and unpin everything under `bpffs`.
 pub fn cleanup(bpffs: &std::path::Path) -> Result<()> {
     dataplane::cleanup(bpffs).with_context(|| format!("cleaning up {}", bpffs.display()))
+}
+
+/// The signals that stop the agent, registered before anything else.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
 }
 
 /// Periodic work of the loop.
@@ -330,9 +342,9 @@ impl Agent {
         mut source: Source,
         mut ticks: Ticks,
         changed: Arc<Notify>,
+        signals: Signals,
     ) -> Result<()> {
-        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let Signals { mut term, mut int } = signals;
         let mut connected = !source.is_cluster();
         self.metrics.set_apiserver_connected(connected);
         loop {

@@ -11,6 +11,7 @@
 
 pub mod cgroup;
 pub mod conntrack_gc;
+pub mod layout;
 pub mod maps;
 pub mod netlink;
 pub mod sockets;
@@ -54,6 +55,10 @@ pub enum DataplaneError {
     Insecure { path: String, reason: String },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
+    #[error(transparent)]
+    Layout(#[from] layout::LayoutError),
+    #[error("stamping the map layout version: {0}")]
+    Stamp(String),
     #[error("program {name}: {source}")]
     Program {
         name: &'static str,
@@ -267,6 +272,8 @@ impl Dataplane {
     /// Loads the embedded object, reusing maps already pinned under `dir`.
     pub fn load(dir: &Path, config: &DatapathConfig) -> Result<Self, DataplaneError> {
         ensure_bpffs(dir)?;
+        // Never misread maps of another layout (an older or newer agent's).
+        layout::check_pinned(dir)?;
         let pin_paths: Vec<(&'static str, PathBuf)> =
             map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
@@ -284,6 +291,7 @@ impl Dataplane {
             prog.load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
+        layout::stamp(dir).map_err(DataplaneError::Stamp)?;
         let maps = AgentMaps::open_pinned(dir)?;
         info!(dir = %dir.display(), "datapath loaded; maps pinned");
         Ok(Self {

@@ -1,0 +1,207 @@
+//! Map layouts across agent versions.
+//!
+//! Pinned maps outlive the agent that created them, so a new agent can find
+//! maps an older (or newer) one made. It must never misread them: before
+//! adopting pinned maps it checks the layout version in `LB_LAYOUT` and each
+//! map's kind, key size, value size and capacity against what this agent's
+//! datapath declares. Anything else is refused with a message that names the
+//! map and the command to run.
+
+use std::mem::size_of;
+use std::path::Path;
+
+use aya::maps::{Array, Map, MapData, MapType};
+use lb_common::{
+    map_names as m, AffinityKey, AffinityValue, BackendSlot, BackendSlotKey, BackendValue,
+    ConntrackEntry, ConntrackKey, NodeAddrValue, ServiceKey, ServicePortNameValue, ServiceValue,
+    SockRevNatKey, SockRevNatValue, SourceRangeKey, UplinkAddr, LAYOUT_VERSION,
+};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum LayoutError {
+    #[error("pinned map {path}: {found}, but this agent's datapath (map layout {LAYOUT_VERSION}) declares {want}; it cannot adopt it without misreading it. Roll back to the agent that made it, or start over with `lb-agent --cleanup --bpffs {dir}` (open connections through this node are reset) and start this agent again")]
+    Map {
+        path: String,
+        dir: String,
+        found: String,
+        want: String,
+    },
+    #[error("pinned maps in {dir} are of map layout {found}, this agent's is {LAYOUT_VERSION}; it cannot adopt them without misreading them. Roll back to the agent that made them, or start over with `lb-agent --cleanup --bpffs {dir}` (open connections through this node are reset) and start this agent again")]
+    Version { dir: String, found: String },
+}
+
+/// One map as this agent's datapath declares it.
+struct Declared {
+    name: &'static str,
+    kind: MapType,
+    key: usize,
+    value: usize,
+    max_entries: u32,
+}
+
+/// What this agent's datapath declares, from the lb-common types (the same
+/// ones lb-ebpf/src/maps.rs declares its maps with).
+fn declared() -> [Declared; 12] {
+    let d = |name, kind, key, value, max_entries| Declared {
+        name,
+        kind,
+        key,
+        value,
+        max_entries,
+    };
+    // An LPM trie key is a u32 prefix length followed by the data.
+    let lpm_key = 4 + size_of::<SourceRangeKey>();
+    [
+        d(
+            m::SERVICES,
+            MapType::Hash,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceValue>(),
+            lb_common::MAX_SERVICES,
+        ),
+        d(
+            m::BACKEND_SLOTS,
+            MapType::Hash,
+            size_of::<BackendSlotKey>(),
+            size_of::<BackendSlot>(),
+            lb_common::MAX_BACKEND_SLOTS,
+        ),
+        d(
+            m::BACKENDS,
+            MapType::Hash,
+            4,
+            size_of::<BackendValue>(),
+            lb_common::MAX_BACKENDS,
+        ),
+        d(
+            m::CONNTRACK,
+            MapType::LruHash,
+            size_of::<ConntrackKey>(),
+            size_of::<ConntrackEntry>(),
+            lb_common::MAX_CONNTRACK,
+        ),
+        d(
+            m::AFFINITY,
+            MapType::LruHash,
+            size_of::<AffinityKey>(),
+            size_of::<AffinityValue>(),
+            lb_common::MAX_AFFINITY,
+        ),
+        d(
+            m::NODE_ADDRS,
+            MapType::Hash,
+            4,
+            size_of::<NodeAddrValue>(),
+            lb_common::MAX_NODE_ADDRS,
+        ),
+        d(m::STATS, MapType::PerCpuArray, 4, 8, lb_common::STAT_COUNT),
+        d(
+            m::SERVICE_NAMES,
+            MapType::Hash,
+            4,
+            size_of::<ServicePortNameValue>(),
+            lb_common::MAX_SERVICES,
+        ),
+        d(
+            m::UPLINK_ADDRS,
+            MapType::Hash,
+            4,
+            size_of::<UplinkAddr>(),
+            lb_common::MAX_UPLINKS,
+        ),
+        d(
+            m::SOURCE_RANGES,
+            MapType::LpmTrie,
+            lpm_key,
+            1,
+            lb_common::MAX_SOURCE_RANGES,
+        ),
+        d(
+            m::SOCK_REVNAT,
+            MapType::LruHash,
+            size_of::<SockRevNatKey>(),
+            size_of::<SockRevNatValue>(),
+            lb_common::MAX_SOCK_REVNAT,
+        ),
+        d(m::LAYOUT, MapType::Array, 4, 4, 1),
+    ]
+}
+
+fn describe(kind: MapType, key: usize, value: usize, max_entries: u32) -> String {
+    format!("{kind:?} map, key {key} bytes, value {value} bytes, {max_entries} entries")
+}
+
+/// Checks the maps pinned in `dir` before they are adopted. Nothing pinned:
+/// a fresh start, nothing to check.
+pub fn check_pinned(dir: &Path) -> Result<(), LayoutError> {
+    let all = declared();
+    let pinned: Vec<&Declared> = all.iter().filter(|d| dir.join(d.name).exists()).collect();
+    if pinned.is_empty() {
+        return Ok(());
+    }
+    let dir_s = dir.display().to_string();
+    // The version first: the same sizes can mean different things.
+    let layout = dir.join(m::LAYOUT);
+    let found = match read_version(&layout) {
+        Some(v) if v == LAYOUT_VERSION => None,
+        Some(v) => Some(v.to_string()),
+        None => Some("unknown (made before map layouts were versioned)".to_string()),
+    };
+    if let Some(found) = found {
+        return Err(LayoutError::Version { dir: dir_s, found });
+    }
+    for d in pinned {
+        let path = dir.join(d.name);
+        let info = MapData::from_pin(&path).and_then(|m| m.info());
+        let want = describe(d.kind, d.key, d.value, d.max_entries);
+        let mismatch = match &info {
+            Ok(i) => {
+                let kind = i.map_type().ok();
+                (kind != Some(d.kind)
+                    || i.key_size() as usize != d.key
+                    || i.value_size() as usize != d.value
+                    || i.max_entries() != d.max_entries)
+                    .then(|| {
+                        describe(
+                            kind.unwrap_or(MapType::Unspecified),
+                            i.key_size() as usize,
+                            i.value_size() as usize,
+                            i.max_entries(),
+                        )
+                    })
+            }
+            Err(e) => Some(format!("unreadable ({e})")),
+        };
+        if let Some(found) = mismatch {
+            return Err(LayoutError::Map {
+                path: path.display().to_string(),
+                dir: dir_s,
+                found,
+                want,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The version in a pinned `LB_LAYOUT`, if it is there and readable (0 is
+/// never written: it means a map made but never stamped).
+fn read_version(path: &Path) -> Option<u32> {
+    let data = MapData::from_pin(path).ok()?;
+    let map = Map::from_map_data(data).ok()?;
+    let array: Array<MapData, u32> = Array::try_from(map).ok()?;
+    array.get(&0, 0).ok().filter(|v| *v != 0)
+}
+
+/// Stamps this agent's layout version into the pinned `LB_LAYOUT`.
+pub fn stamp(dir: &Path) -> Result<(), String> {
+    let path = dir.join(m::LAYOUT);
+    let data = MapData::from_pin(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let map = Map::from_map_data(data).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut array: Array<MapData, u32> =
+        Array::try_from(map).map_err(|e| format!("{}: {e}", path.display()))?;
+    array
+        .set(0, LAYOUT_VERSION, 0)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
