@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lb_tests::artifacts;
-use lb_tests::objects::manifest;
+use lb_tests::objects::{manifest, service, Object, ServicePort};
 use lb_tests::require_privileges;
 use lb_tests::topology::Topology;
 
@@ -142,6 +142,89 @@ fn maps_from_before_layout_versions_are_refused() {
     let err = agent_refuses(&t);
     assert!(
         err.contains("made before map layouts were versioned"),
+        "{err}"
+    );
+}
+
+/// Runs the agent on `node1` in the foreground with `args`; returns its exit
+/// status and what it printed, or kills it after `wait` if it runs.
+fn agent_with(t: &Topology, args: &[&str]) -> String {
+    let n = t.node("node1");
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", n.netns))
+        .arg("--")
+        .arg(artifacts::lb_agent_bin())
+        .arg("--manifest")
+        .arg(t.manifest_path("node1"))
+        .args(["--node-name", "node1", "--no-socket-lb", "--bpffs"])
+        .arg(&n.bpffs)
+        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+        .args(args)
+        .output()
+        .expect("running lb-agent");
+    assert!(!out.status.success(), "the agent adopted the maps");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn map_sizes_are_flags_a_full_map_refuses_only_what_does_not_fit_and_a_resize_is_refused() {
+    require_privileges!();
+    let t = one_node();
+    // 60 Services of one port each: 60 frontends; with 64 entries the
+    // planner fills 56 (an eighth stays free for puts before deletes).
+    let objects: Vec<Object> = (0..60u8)
+        .map(|i| {
+            service(
+                &format!("s{i:02}"),
+                std::net::Ipv4Addr::new(10, 96, 5, i + 1),
+            )
+            .port(ServicePort::tcp("http", 80, 8080))
+            .into()
+        })
+        .collect();
+    t.write_manifests(&manifest(&objects)).unwrap();
+    t.start_agent("node1", &["--max-frontends", "64"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = t.log("agent-node1");
+        if log.contains("lb-agent ready") {
+            assert!(
+                log.contains("the LB_SERVICES map would exceed its 56 entries"),
+                "{log}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let services = t.lbctl_json("node1", "services").unwrap();
+    assert_eq!(services.as_array().map(Vec::len), Some(56), "{services}");
+    let dir = t.node("node1").bpffs.clone();
+    let info = Command::new("bpftool")
+        .args(["map", "show", "pinned"])
+        .arg(dir.join(lb_common::map_names::SERVICES))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains("max_entries 64"),
+        "{}",
+        String::from_utf8_lossy(&info.stdout)
+    );
+    t.stop_agent("node1").unwrap();
+    // Another size for pinned maps is refused, naming the map.
+    let err = agent_with(&t, &["--max-frontends", "128"]);
+    assert!(
+        err.contains(&format!(
+            "pinned map {}",
+            dir.join(lb_common::map_names::SERVICES).display()
+        )) && err.contains("64 entries")
+            && err.contains("128 entries"),
+        "{err}"
+    );
+    // And a size that cannot work is refused before anything is touched.
+    let err = agent_with(&t, &["--max-conntrack", "8"]);
+    assert!(
+        err.contains("--max-*: LB_CONNTRACK: 8 entries is too small"),
         "{err}"
     );
 }

@@ -29,7 +29,7 @@ use ipnet::Ipv4Net;
 use lb_common::DatapathConfig;
 use lb_core::desired::DesiredPorts;
 use lb_core::model::ObjectKind;
-use lb_core::plan::{Limits, Plan, PlanError, Planner, Scope};
+use lb_core::plan::{Plan, PlanError, Planner, Scope};
 use lb_core::MapOp;
 use regex::Regex;
 use tokio::signal::unix::{signal, SignalKind};
@@ -43,7 +43,7 @@ use crate::dataplane::cgroup;
 use crate::dataplane::conntrack_gc;
 use crate::dataplane::netlink;
 use crate::dataplane::sockets::SocketReaper;
-use crate::dataplane::{self, error_chain, DatapathMaps, Dataplane, Role};
+use crate::dataplane::{self, error_chain, DatapathMaps, Dataplane, MapSizes, Role};
 use crate::observe::health::{self, ProxyHealth, ServiceHealthServers};
 use crate::observe::metrics::{self, Metrics};
 use crate::observe::views;
@@ -69,6 +69,8 @@ pub struct Settings {
     pub datapath: DatapathConfig,
     /// F2: socket-level load balancing for host-network processes.
     pub socket_lb: SocketLb,
+    /// Capacities of the maps.
+    pub map_sizes: MapSizes,
     /// `/healthz`, `/livez`; empty disables.
     pub healthz_bind_address: String,
     /// `/metrics`, `/proxyMode`; empty disables.
@@ -258,7 +260,7 @@ impl Agent {
         } else {
             0
         };
-        let mut dp = Dataplane::load(&settings.bpffs, &settings.datapath)
+        let mut dp = Dataplane::load(&settings.bpffs, &settings.datapath, &settings.map_sizes)
             .with_context(|| format!("loading the datapath into {}", settings.bpffs.display()))?;
         match dp
             .sync_socket_lb(cgroup.as_deref())
@@ -296,7 +298,7 @@ impl Agent {
         Ok(Self {
             dp,
             datapath_maps,
-            planner: Planner::adopt(applied, Limits::default()),
+            planner: Planner::adopt(applied, settings.map_sizes.planner_limits()),
             node_addrs: BTreeSet::new(),
             health_servers: ServiceHealthServers::new(health.clone(), Vec::new()),
             metrics,

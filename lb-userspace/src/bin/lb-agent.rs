@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use lb_common::DatapathConfig;
 use lb_userspace::agent::{self, parse_cidrs, Mode, Settings, SocketLb};
-use lb_userspace::dataplane;
+use lb_userspace::dataplane::{self, MapSizes};
 use regex::Regex;
 use tracing::info;
 
@@ -67,6 +67,29 @@ struct Args {
     /// no Service).
     #[arg(long)]
     no_socket_lb: bool,
+    /// Capacity of LB_SERVICES: frontends (ClusterIPs, NodePorts, externalIPs
+    /// and LB IPs times their ports). The planner keeps an eighth free.
+    #[arg(long, default_value_t = lb_common::MAX_SERVICES)]
+    max_frontends: u32,
+    /// Capacity of LB_BACKENDS: endpoints of all service ports.
+    #[arg(long, default_value_t = lb_common::MAX_BACKENDS)]
+    max_backends: u32,
+    /// Capacity of LB_BACKEND_SLOTS: endpoints of all service ports, per set.
+    #[arg(long, default_value_t = lb_common::MAX_BACKEND_SLOTS)]
+    max_backend_slots: u32,
+    /// Capacity of LB_CONNTRACK (LRU, two entries per flow).
+    #[arg(long, default_value_t = lb_common::MAX_CONNTRACK)]
+    max_conntrack: u32,
+    /// Capacity of LB_AFFINITY (LRU, one entry per client and service port).
+    #[arg(long, default_value_t = lb_common::MAX_AFFINITY)]
+    max_affinity: u32,
+    /// Capacity of LB_SOURCE_RANGES (loadBalancerSourceRanges of all Services).
+    #[arg(long, default_value_t = lb_common::MAX_SOURCE_RANGES)]
+    max_source_ranges: u32,
+    /// Capacity of LB_SOCK_REVNAT (LRU, host-network sockets socket LB sent
+    /// to a backend).
+    #[arg(long, default_value_t = lb_common::MAX_SOCK_REVNAT)]
+    max_host_sockets: u32,
     /// /healthz and /livez (kube-proxy compatible); empty disables.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: String,
@@ -143,7 +166,20 @@ fn main() -> Result<()> {
             )
         })
         .unwrap_or((0, 0));
+    let map_sizes = MapSizes {
+        frontends: args.max_frontends,
+        backends: args.max_backends,
+        backend_slots: args.max_backend_slots,
+        conntrack: args.max_conntrack,
+        affinity: args.max_affinity,
+        source_ranges: args.max_source_ranges,
+        host_sockets: args.max_host_sockets,
+    };
+    map_sizes
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--max-*: {e}"))?;
     let settings = Settings {
+        map_sizes,
         node_name,
         bpffs: args.bpffs.clone(),
         uplinks: args.uplinks.clone(),

@@ -31,6 +31,80 @@ pub enum LayoutError {
     Version { dir: String, found: String },
 }
 
+/// The capacities of the maps an operator sizes (`--max-*` flags, chart
+/// `agent.mapSizes`); the defaults are lb-common's `MAX_*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// LB_SERVICES (one entry per frontend) and LB_SERVICE_NAMES.
+    pub frontends: u32,
+    pub backends: u32,
+    pub backend_slots: u32,
+    /// LB_CONNTRACK: two entries per flow.
+    pub conntrack: u32,
+    pub affinity: u32,
+    pub source_ranges: u32,
+    /// LB_SOCK_REVNAT: host-network sockets translated by socket LB.
+    pub host_sockets: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            frontends: lb_common::MAX_SERVICES,
+            backends: lb_common::MAX_BACKENDS,
+            backend_slots: lb_common::MAX_BACKEND_SLOTS,
+            conntrack: lb_common::MAX_CONNTRACK,
+            affinity: lb_common::MAX_AFFINITY,
+            source_ranges: lb_common::MAX_SOURCE_RANGES,
+            host_sockets: lb_common::MAX_SOCK_REVNAT,
+        }
+    }
+}
+
+impl MapSizes {
+    /// The sized maps and their capacities (for the loader).
+    pub fn by_map(&self) -> [(&'static str, u32); 8] {
+        [
+            (m::SERVICES, self.frontends),
+            (m::SERVICE_NAMES, self.frontends),
+            (m::BACKENDS, self.backends),
+            (m::BACKEND_SLOTS, self.backend_slots),
+            (m::CONNTRACK, self.conntrack),
+            (m::AFFINITY, self.affinity),
+            (m::SOURCE_RANGES, self.source_ranges),
+            (m::SOCK_REVNAT, self.host_sockets),
+        ]
+    }
+
+    /// Each size must be usable: at least 64 entries (and conntrack an even
+    /// number: two entries per flow).
+    pub fn validate(&self) -> Result<(), String> {
+        for (map, n) in self.by_map() {
+            if n < 64 {
+                return Err(format!("{map}: {n} entries is too small (at least 64)"));
+            }
+        }
+        Ok(())
+    }
+
+    /// What the planner may fill: each agent-written map less an eighth, so
+    /// that a plan's puts, which come before its deletes (a frontend never
+    /// sees a half-written set), still fit while old and new entries are
+    /// both in the map. A map the planner finds full refuses the service
+    /// port that does not fit (named in an Event) and changes nothing else,
+    /// instead of failing writes and retrying forever.
+    pub fn planner_limits(&self) -> lb_core::plan::Limits {
+        let room = |n: u32| n - n / 8;
+        lb_core::plan::Limits {
+            max_services: room(self.frontends),
+            max_backends: room(self.backends),
+            max_backend_slots: room(self.backend_slots),
+            max_source_ranges: room(self.source_ranges),
+            ..lb_core::plan::Limits::default()
+        }
+    }
+}
+
 /// One map as this agent's datapath declares it.
 struct Declared {
     name: &'static str,
@@ -41,8 +115,8 @@ struct Declared {
 }
 
 /// What this agent's datapath declares, from the lb-common types (the same
-/// ones lb-ebpf/src/maps.rs declares its maps with).
-fn declared() -> [Declared; 12] {
+/// ones lb-ebpf/src/maps.rs declares its maps with), at `sizes`.
+fn declared(sizes: &MapSizes) -> [Declared; 12] {
     let d = |name, kind, key, value, max_entries| Declared {
         name,
         kind,
@@ -58,35 +132,35 @@ fn declared() -> [Declared; 12] {
             MapType::Hash,
             size_of::<ServiceKey>(),
             size_of::<ServiceValue>(),
-            lb_common::MAX_SERVICES,
+            sizes.frontends,
         ),
         d(
             m::BACKEND_SLOTS,
             MapType::Hash,
             size_of::<BackendSlotKey>(),
             size_of::<BackendSlot>(),
-            lb_common::MAX_BACKEND_SLOTS,
+            sizes.backend_slots,
         ),
         d(
             m::BACKENDS,
             MapType::Hash,
             4,
             size_of::<BackendValue>(),
-            lb_common::MAX_BACKENDS,
+            sizes.backends,
         ),
         d(
             m::CONNTRACK,
             MapType::LruHash,
             size_of::<ConntrackKey>(),
             size_of::<ConntrackEntry>(),
-            lb_common::MAX_CONNTRACK,
+            sizes.conntrack,
         ),
         d(
             m::AFFINITY,
             MapType::LruHash,
             size_of::<AffinityKey>(),
             size_of::<AffinityValue>(),
-            lb_common::MAX_AFFINITY,
+            sizes.affinity,
         ),
         d(
             m::NODE_ADDRS,
@@ -101,7 +175,7 @@ fn declared() -> [Declared; 12] {
             MapType::Hash,
             4,
             size_of::<ServicePortNameValue>(),
-            lb_common::MAX_SERVICES,
+            sizes.frontends,
         ),
         d(
             m::UPLINK_ADDRS,
@@ -115,14 +189,14 @@ fn declared() -> [Declared; 12] {
             MapType::LpmTrie,
             lpm_key,
             1,
-            lb_common::MAX_SOURCE_RANGES,
+            sizes.source_ranges,
         ),
         d(
             m::SOCK_REVNAT,
             MapType::LruHash,
             size_of::<SockRevNatKey>(),
             size_of::<SockRevNatValue>(),
-            lb_common::MAX_SOCK_REVNAT,
+            sizes.host_sockets,
         ),
         d(m::LAYOUT, MapType::Array, 4, 4, 1),
     ]
@@ -134,8 +208,8 @@ fn describe(kind: MapType, key: usize, value: usize, max_entries: u32) -> String
 
 /// Checks the maps pinned in `dir` before they are adopted. Nothing pinned:
 /// a fresh start, nothing to check.
-pub fn check_pinned(dir: &Path) -> Result<(), LayoutError> {
-    let all = declared();
+pub fn check_pinned(dir: &Path, sizes: &MapSizes) -> Result<(), LayoutError> {
+    let all = declared(sizes);
     let pinned: Vec<&Declared> = all.iter().filter(|d| dir.join(d.name).exists()).collect();
     if pinned.is_empty() {
         return Ok(());

@@ -30,6 +30,7 @@ use lb_common::{map_names, program_names, DatapathConfig, DATAPATH_CONFIG_GLOBAL
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
+pub use layout::MapSizes;
 pub use maps::{AgentMaps, DatapathMaps, MapsError};
 
 use netlink::Link;
@@ -270,10 +271,15 @@ pub struct Dataplane {
 
 impl Dataplane {
     /// Loads the embedded object, reusing maps already pinned under `dir`.
-    pub fn load(dir: &Path, config: &DatapathConfig) -> Result<Self, DataplaneError> {
+    pub fn load(
+        dir: &Path,
+        config: &DatapathConfig,
+        sizes: &MapSizes,
+    ) -> Result<Self, DataplaneError> {
         ensure_bpffs(dir)?;
-        // Never misread maps of another layout (an older or newer agent's).
-        layout::check_pinned(dir)?;
+        // Never misread maps of another layout (an older or newer agent's),
+        // nor adopt maps of other sizes than asked for.
+        layout::check_pinned(dir, sizes)?;
         let pin_paths: Vec<(&'static str, PathBuf)> =
             map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
@@ -281,6 +287,9 @@ impl Dataplane {
             loader.map_pin_path(name, path.as_path());
         }
         loader.override_global(DATAPATH_CONFIG_GLOBAL, config, true);
+        for (name, n) in sizes.by_map() {
+            loader.map_max_entries(name, n);
+        }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in program_names::ALL {
             let prog: &mut SchedClassifier = ebpf
