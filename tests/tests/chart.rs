@@ -624,6 +624,10 @@ fn custom_values_reach_the_objects() {
             "--sync-period=5m",
             "--poll-interval=2s",
             "--log-level=debug",
+            "--cluster-cidr=10.244.0.0/16",
+            "--hairpin-address=169.254.1.1",
+            "--max-conntrack=1048576",
+            "--max-frontends=65536",
             "--cgroup-path=/run/lb/cgroupv2/unified",
             "--some-future-flag=1",
         ])
