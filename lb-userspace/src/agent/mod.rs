@@ -684,23 +684,29 @@ impl Agent {
             Ok(s) => self.metrics.set_datapath_counters(&s),
             Err(e) => debug!(error = %error_chain(&e), "reading counters"),
         }
+        // The maps' real capacities (the planner fills at most 7/8 of them).
         let c = self.planner.contents();
-        let limits = self.planner.limits();
+        let sizes = &self.settings.map_sizes;
         for (map, entries, capacity) in [
             (
                 lb_common::map_names::SERVICES,
                 c.services.len(),
-                limits.max_services,
+                sizes.frontends,
             ),
             (
                 lb_common::map_names::BACKENDS,
                 c.backends.len(),
-                limits.max_backends,
+                sizes.backends,
             ),
             (
                 lb_common::map_names::BACKEND_SLOTS,
                 c.slots.len(),
-                limits.max_backend_slots,
+                sizes.backend_slots,
+            ),
+            (
+                lb_common::map_names::SOURCE_RANGES,
+                c.source_ranges.len(),
+                sizes.source_ranges,
             ),
         ] {
             self.metrics

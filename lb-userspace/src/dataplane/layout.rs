@@ -76,8 +76,7 @@ impl MapSizes {
         ]
     }
 
-    /// Each size must be usable: at least 64 entries (and conntrack an even
-    /// number: two entries per flow).
+    /// Each size must be usable: at least 64 entries.
     pub fn validate(&self) -> Result<(), String> {
         for (map, n) in self.by_map() {
             if n < 64 {

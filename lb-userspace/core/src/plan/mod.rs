@@ -38,12 +38,12 @@
 //!   a frontend about to be deleted never sees another port's slots.
 //!
 //! # Order
-//! `PutBackend -> PutSlot -> PutName -> PutNodeAddr -> PutService ->
-//! DeleteService -> DeleteSlot -> DeleteBackend -> DeleteName ->
-//! DeleteNodeAddr` ([`MapOp::phase`]): slots are complete and point to
-//! existing backends before a service entry publishes counts covering them,
-//! and nothing a live entry can reach is deleted before the entries stop
-//! reaching it.
+//! `PutBackend -> PutSlot -> PutSourceRange -> PutName -> PutNodeAddr ->
+//! PutService -> DeleteService -> DeleteSlot -> DeleteSourceRange ->
+//! DeleteBackend -> DeleteName -> DeleteNodeAddr` ([`MapOp::phase`]): slots
+//! are complete and point to existing backends, and a LoadBalancer's source
+//! ranges are in place, before a service entry publishes them; nothing a
+//! live entry can reach is deleted before the entries stop reaching it.
 //!
 //! # Capacity
 //! Ports already programmed are admitted before new ones, each group in
