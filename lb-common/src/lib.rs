@@ -38,7 +38,10 @@ pub mod map_names {
     pub const SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
     /// The layout version of all the maps (one u32, `LAYOUT_VERSION`).
     pub const LAYOUT: &str = "LB_LAYOUT";
-    pub const ALL: [&str; 12] = [
+    /// C4: (hook direction, source, destination, protocol, IP id) of a
+    /// fragmented datagram -> what its first fragment became (LRU).
+    pub const FRAGMENTS: &str = "LB_FRAGMENTS";
+    pub const ALL: [&str; 13] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -51,6 +54,7 @@ pub mod map_names {
         SOURCE_RANGES,
         SOCK_REVNAT,
         LAYOUT,
+        FRAGMENTS,
     ];
 }
 
@@ -58,7 +62,7 @@ pub mod map_names {
 /// fields mean). Bump it with any change an older agent or datapath would
 /// misread; the agent refuses pinned maps of another version (naming the map
 /// and the command that starts over) instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Names of the kernel programs (the entry point function names in lb-ebpf).
 pub mod program_names {
@@ -103,6 +107,9 @@ pub const MAX_NODE_ADDRS: u32 = 256;
 pub const MAX_UPLINKS: u32 = 64;
 pub const MAX_SOURCE_RANGES: u32 = 65_536;
 pub const MAX_SOCK_REVNAT: u32 = 262_144;
+/// C4: datagrams being fragmented at one time (an entry is needed only
+/// while a datagram's fragments pass, microseconds).
+pub const MAX_FRAGMENTS: u32 = 8_192;
 
 /// Most backends one service port may have in its cluster-wide set (and,
 /// separately, in its node-local set). Bounded so slot indices stay small.
@@ -258,6 +265,13 @@ pub mod ct_flags {
     pub const TCP_RST: u16 = 1 << 4;
     /// The TCP handshake completed (ACK after SYN seen both ways).
     pub const TCP_ESTABLISHED: u16 = 1 << 5;
+    /// With `SNAT`: only the source **port** is remapped (C2: the flow's
+    /// reply tuple clashed with another flow's). `snat_addr` is the
+    /// client's own address, so the packet goes up the stack (no redirect)
+    /// and the reply is restored where plain DNAT replies are, at the
+    /// client's egress (source back to the frontend, destination port back
+    /// to the client's). `ConntrackKey::peer` pairs it like any SNAT entry.
+    pub const PORT_REMAP: u16 = 1 << 6;
 }
 
 /// One direction of a translated flow, as the packet looks when the datapath
@@ -394,6 +408,58 @@ pub struct SockRevNatValue {
     pub _pad: u8,
     pub service_id: u32,
     pub backend_id: u32,
+}
+
+/// C4: which hooks an `LB_FRAGMENTS` entry belongs to (`FragKey::dir`).
+/// A datagram crosses at most one ingress and one egress hook of a node,
+/// and each must only ever apply what it did to the first fragment itself.
+pub const FRAG_DIR_INGRESS: u8 = 0;
+pub const FRAG_DIR_EGRESS: u8 = 1;
+
+/// C4: how long an `LB_FRAGMENTS` entry is good for: the kernel's default
+/// reassembly timeout (net.ipv4.ipfrag_time, 30 s). An older entry is
+/// ignored, so a datagram that reuses an IP id never inherits it.
+pub const FRAG_LIFETIME_NS: u64 = 30 * 1_000_000_000;
+
+/// C4: what later fragments of a datagram get (`FragValue::action`): the
+/// same as its first fragment.
+pub mod frag_action {
+    /// Passed to the stack (translated or not).
+    pub const PASS: u8 = 0;
+    /// Forwarded by the datapath itself (FIB lookup + redirect: SNAT'ed).
+    pub const FIB: u8 = 1;
+    /// Sent back out of the interface it came in on (M4 hairpin).
+    pub const REFLECT: u8 = 2;
+    /// Dropped, or answered (a reject, an ICMP error): the datagram is gone.
+    pub const DROP: u8 = 3;
+}
+
+/// C4: a fragmented datagram as a hook saw its first fragment, before any
+/// translation. Addresses and the IP id in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub id: u16,
+    pub proto: u8,
+    /// `FRAG_DIR_INGRESS` or `FRAG_DIR_EGRESS`.
+    pub dir: u8,
+}
+
+/// C4: what the first fragment became; later fragments (which carry no L4
+/// header, hence no ports) get the same addresses and the same fate.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragValue {
+    /// The first fragment's addresses after translation, network order.
+    pub saddr: u32,
+    pub daddr: u32,
+    /// `frag_action::*`.
+    pub action: u8,
+    pub _pad: [u8; 7],
+    /// bpf_ktime_get_boot_ns() when the first fragment passed.
+    pub created_ns: u64,
 }
 
 /// Longest namespace and Service name Kubernetes allows (RFC 1035 labels).
@@ -582,6 +648,62 @@ impl ConntrackKey {
     }
 }
 
+impl ConntrackKey {
+    /// The entry of the other direction (under `self.peer(entry)`), rebuilt
+    /// from this one: what the datapath writes when it finds one direction
+    /// of a flow without the other (C1: LRU eviction, a GC race), and what
+    /// the new-flow path writes for the REPLY direction.
+    ///
+    /// FORWARD (client -> frontend) {nat: backend, snat: s} gives REPLY
+    /// {nat: frontend, snat: client if SNAT}; REPLY (backend -> x) {nat:
+    /// frontend, snat: client} gives FORWARD {nat: backend, snat: x if SNAT}.
+    /// Ids, flags and `last_seen_ns` are carried over.
+    #[inline(always)]
+    pub fn peer_entry(&self, entry: &ConntrackEntry) -> ConntrackEntry {
+        let snat = entry.flags & ct_flags::SNAT != 0;
+        let (nat_addr, nat_port, snat_addr, snat_port) = if self.dir == CT_DIR_FORWARD {
+            (self.daddr, self.dport, self.saddr, self.sport)
+        } else {
+            (self.saddr, self.sport, self.daddr, self.dport)
+        };
+        ConntrackEntry {
+            nat_addr,
+            nat_port,
+            snat_addr: if snat { snat_addr } else { 0 },
+            snat_port: if snat { snat_port } else { 0 },
+            ..*entry
+        }
+    }
+}
+
+impl DatapathConfig {
+    /// C1: whether a flow is idle past its lifetime, judged on both of its
+    /// entries: the later `last_seen_ns` of the two and the union of their
+    /// state bits (`peer` is `None` when the other direction is missing).
+    /// One definition for the datapath and the agent's GC.
+    #[inline(always)]
+    pub fn flow_expired(
+        &self,
+        proto: u8,
+        entry: &ConntrackEntry,
+        peer: Option<&ConntrackEntry>,
+        now_ns: u64,
+    ) -> bool {
+        let (last, flags) = match peer {
+            Some(p) => (
+                if p.last_seen_ns > entry.last_seen_ns {
+                    p.last_seen_ns
+                } else {
+                    entry.last_seen_ns
+                },
+                entry.flags | p.flags,
+            ),
+            None => (entry.last_seen_ns, entry.flags),
+        };
+        now_ns.saturating_sub(last) > self.ct_lifetime_ns(proto, flags)
+    }
+}
+
 impl Default for DatapathConfig {
     fn default() -> Self {
         Self::DEFAULT
@@ -606,7 +728,8 @@ pub enum StatReason {
     PassNotIpv4 = 5,
     /// Passed unchanged: neither TCP nor UDP.
     PassOtherProto = 6,
-    /// Passed unchanged: IPv4 fragment.
+    /// Passed unchanged: a later fragment (no L4 header) of a datagram
+    /// whose first fragment passed unchanged (C4).
     PassFragment = 7,
     /// Passed unchanged: IPv4 header with options.
     PassIpOptions = 8,
@@ -649,9 +772,37 @@ pub enum StatReason {
     /// A host-network socket's connect or sendmsg to a frontend without
     /// endpoints failed with ECONNREFUSED (E1 from the node).
     SockRejected = 25,
+    /// C1: one direction of a flow was found without its peer (evicted by
+    /// the LRU, or deleted by the agent's GC racing a packet).
+    ConntrackPeerMissing = 26,
+    /// C1: the missing direction of a flow was re-created from the other.
+    ConntrackRepaired = 27,
+    /// C2: a flow's reply tuple clashed with another flow's (or a direct
+    /// flow's reverse tuple with a translated flow's reply); its source
+    /// port was remapped to a free one, as netfilter does.
+    PortRemapped = 28,
+    /// C2: two CPUs created the same flow at once; this packet used the
+    /// entry the other one wrote.
+    ConntrackRaceLost = 29,
+    /// A translated packet continued to the stack (TCX_NEXT).
+    PassTranslated = 30,
+    /// C3: an ICMP error about a translated flow was translated (outer and
+    /// embedded headers).
+    IcmpErrorTranslated = 31,
+    /// C3: a packet too big for the route of a packet the datapath forwards
+    /// itself was answered with ICMP fragmentation needed.
+    IcmpFragNeededSent = 32,
+    /// C3: a packet with TTL <= 1 that the datapath would forward itself was
+    /// answered with ICMP time exceeded.
+    IcmpTimeExceededSent = 33,
+    /// C4: a later fragment was translated like its first fragment.
+    FragmentTranslated = 34,
+    /// Dropped (C4): a later fragment whose first fragment was not seen
+    /// (it arrives later, was evicted) or was dropped or answered.
+    DropFragmentNoFirst = 35,
 }
 
-pub const STAT_COUNT: u32 = 26;
+pub const STAT_COUNT: u32 = 36;
 
 impl StatReason {
     pub const ALL: [StatReason; STAT_COUNT as usize] = [
@@ -681,6 +832,16 @@ impl StatReason {
         StatReason::SockTranslated,
         StatReason::SockRevTranslated,
         StatReason::SockRejected,
+        StatReason::ConntrackPeerMissing,
+        StatReason::ConntrackRepaired,
+        StatReason::PortRemapped,
+        StatReason::ConntrackRaceLost,
+        StatReason::PassTranslated,
+        StatReason::IcmpErrorTranslated,
+        StatReason::IcmpFragNeededSent,
+        StatReason::IcmpTimeExceededSent,
+        StatReason::FragmentTranslated,
+        StatReason::DropFragmentNoFirst,
     ];
 
     /// Stable snake_case name (lbctl output, metrics labels).
@@ -712,6 +873,16 @@ impl StatReason {
             StatReason::SockTranslated => "sock_translated",
             StatReason::SockRevTranslated => "sock_rev_translated",
             StatReason::SockRejected => "sock_rejected",
+            StatReason::ConntrackPeerMissing => "conntrack_peer_missing",
+            StatReason::ConntrackRepaired => "conntrack_repaired",
+            StatReason::PortRemapped => "port_remapped",
+            StatReason::ConntrackRaceLost => "conntrack_race_lost",
+            StatReason::PassTranslated => "pass_translated",
+            StatReason::IcmpErrorTranslated => "icmp_error_translated",
+            StatReason::IcmpFragNeededSent => "icmp_frag_needed_sent",
+            StatReason::IcmpTimeExceededSent => "icmp_time_exceeded_sent",
+            StatReason::FragmentTranslated => "fragment_translated",
+            StatReason::DropFragmentNoFirst => "drop_fragment_no_first",
         }
     }
 
@@ -726,7 +897,31 @@ impl StatReason {
                 | StatReason::DropFibFailed
                 | StatReason::DropNoSnatAddress
                 | StatReason::DropSourceRange
+                | StatReason::DropFragmentNoFirst
         )
+    }
+
+    /// Whether this counter is the **outcome** of a TC program run: every
+    /// run (`packets`) ends on exactly one outcome (passed, with or without
+    /// translation; redirected; answered; dropped), so the outcomes sum to
+    /// `packets`. The others count events along the way (a new flow, a
+    /// translation, a repair, ...) or belong to the socket hooks.
+    pub const fn is_outcome(self) -> bool {
+        self.is_drop()
+            || matches!(
+                self,
+                StatReason::PassNotService
+                    | StatReason::PassNotIpv4
+                    | StatReason::PassOtherProto
+                    | StatReason::PassFragment
+                    | StatReason::PassIpOptions
+                    | StatReason::PassTruncated
+                    | StatReason::PassTranslated
+                    | StatReason::Redirected
+                    | StatReason::RejectNoEndpoint
+                    | StatReason::IcmpFragNeededSent
+                    | StatReason::IcmpTimeExceededSent
+            )
     }
 }
 
@@ -771,6 +966,8 @@ mod user {
     unsafe impl aya::Pod for SockRevNatKey {}
     unsafe impl aya::Pod for SockRevNatValue {}
     unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
 }
 
 #[cfg(test)]
@@ -799,6 +996,8 @@ mod tests {
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(size_of::<SockRevNatKey>(), 16);
         assert_eq!(size_of::<SockRevNatValue>(), 16);
+        assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(size_of::<FragValue>(), 24);
     }
 
     #[test]
@@ -889,6 +1088,69 @@ mod tests {
             ..re
         };
         assert_eq!(rev.peer(&re), fwd);
+    }
+
+    #[test]
+    fn peer_entries_rebuild_the_other_direction() {
+        let client = ipv4_to_net([10, 244, 1, 5]);
+        let vip = ipv4_to_net([10, 96, 0, 10]);
+        let backend = ipv4_to_net([10, 244, 2, 3]);
+        let node = ipv4_to_net([198, 18, 0, 11]);
+        let fwd = ConntrackKey {
+            saddr: client,
+            daddr: vip,
+            sport: port_to_net(40000),
+            dport: port_to_net(80),
+            proto: PROTO_TCP,
+            dir: CT_DIR_FORWARD,
+            _pad: [0; 2],
+        };
+        for (snat, flags) in [
+            ((0, 0), ct_flags::TCP_SYN),
+            ((node, port_to_net(61000)), ct_flags::SNAT),
+        ] {
+            let fe = ConntrackEntry {
+                nat_addr: backend,
+                nat_port: port_to_net(8080),
+                snat_addr: snat.0,
+                snat_port: snat.1,
+                backend_id: 3,
+                service_id: 9,
+                flags,
+                _pad: 0,
+                last_seen_ns: 77,
+            };
+            let rk = fwd.peer(&fe);
+            let re = fwd.peer_entry(&fe);
+            assert_eq!((re.nat_addr, re.nat_port), (vip, port_to_net(80)));
+            assert_eq!(rk.peer(&re), fwd, "the rebuilt reply pairs back");
+            assert_eq!(rk.peer_entry(&re), fe, "and rebuilds the forward entry");
+        }
+    }
+
+    #[test]
+    fn flows_expire_on_both_entries() {
+        let c = DatapathConfig::DEFAULT;
+        let s = 1_000_000_000;
+        let old = ConntrackEntry {
+            last_seen_ns: 100 * s,
+            ..Default::default()
+        };
+        let fresh = ConntrackEntry {
+            last_seen_ns: 200 * s,
+            ..Default::default()
+        };
+        let now = 200 * s;
+        assert!(c.flow_expired(PROTO_UDP, &old, None, now));
+        assert!(!c.flow_expired(PROTO_UDP, &old, Some(&fresh), now));
+        assert!(!c.flow_expired(PROTO_UDP, &fresh, Some(&old), now));
+        // The state of either side counts: established on one side.
+        let est = ConntrackEntry {
+            flags: ct_flags::TCP_ESTABLISHED,
+            ..old
+        };
+        assert!(c.flow_expired(PROTO_TCP, &old, None, now));
+        assert!(!c.flow_expired(PROTO_TCP, &old, Some(&est), now));
     }
 
     #[test]

@@ -116,3 +116,70 @@ pub fn decrement_ttl(ctx: &TcContext, ttl_proto: u16) -> Result<(), RewriteError
         .map_err(|_| RewriteError)?;
     ctx.store(IP_TTL_OFF, &new, 0).map_err(|_| RewriteError)
 }
+
+/// Replaces an IPv4 address of a header whose protocol has no
+/// pseudo-header (the outer header of an ICMP message), fixing only the
+/// IPv4 header checksum.
+#[inline(always)]
+pub fn rewrite_ip_addr(
+    ctx: &TcContext,
+    off: usize,
+    old: u32,
+    new: u32,
+) -> Result<(), RewriteError> {
+    if old == new {
+        return Ok(());
+    }
+    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 4)
+        .map_err(|_| RewriteError)?;
+    ctx.store(off, &new, 0).map_err(|_| RewriteError)
+}
+
+/// Incremental update of an Internet checksum field (RFC 1624, eqn. 3:
+/// HC' = ~(~HC + ~m + m')) over any number of changed 16-bit words, for
+/// rewrites the kernel helpers cannot do (the headers quoted in an ICMP
+/// error). Words are big-endian values as in the packet.
+pub struct CsumUpdate(u32);
+
+impl CsumUpdate {
+    /// Starts from the checksum field's current value.
+    #[inline(always)]
+    pub fn new(check: u16) -> Self {
+        Self(u32::from(!check))
+    }
+
+    /// One word changed from `old` to `new`.
+    #[inline(always)]
+    pub fn word(&mut self, old: u16, new: u16) {
+        self.0 += u32::from(!old) + u32::from(new);
+    }
+
+    /// An IPv4 address (network order, as stored) changed.
+    #[inline(always)]
+    pub fn addr(&mut self, old: u32, new: u32) {
+        let (o, n) = (old.to_ne_bytes(), new.to_ne_bytes());
+        self.word(
+            u16::from_be_bytes([o[0], o[1]]),
+            u16::from_be_bytes([n[0], n[1]]),
+        );
+        self.word(
+            u16::from_be_bytes([o[2], o[3]]),
+            u16::from_be_bytes([n[2], n[3]]),
+        );
+    }
+
+    /// A port (network order, as stored) changed.
+    #[inline(always)]
+    pub fn port(&mut self, old: u16, new: u16) {
+        self.word(u16::from_be(old), u16::from_be(new));
+    }
+
+    /// The new checksum field.
+    #[inline(always)]
+    pub fn finish(self) -> u16 {
+        let mut s = self.0;
+        s = (s & 0xffff) + (s >> 16);
+        s = (s & 0xffff) + (s >> 16);
+        !(s as u16)
+    }
+}

@@ -2,45 +2,91 @@
 //!
 //! A reply of a flow this node translated leaves through the interface
 //! towards the client with the backend's address as source; put the
-//! frontend's address back. SNAT'ed flows never get here: their replies come
-//! back in on the uplink (see `ingress`).
+//! frontend's address back (and, for a flow whose client port was remapped,
+//! C2, the client's port). ICMP errors toward such a client about its
+//! flow's packets are translated here too (C3). SNAT'ed flows never get
+//! here: their replies come back in on the uplink (see `ingress`).
 
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_boot_ns,
-    programs::TcContext,
+use aya_ebpf::programs::TcContext;
+use lb_common::{ct_flags, StatReason, CT_DIR_REPLY, FRAG_DIR_EGRESS};
+
+use crate::{
+    conntrack, frag, icmp,
+    maps::LB_CONNTRACK,
+    nat,
+    parse::{self, Frag, IcmpError, Packet, PROTO_ICMP},
+    stats::{count, drop, pass},
 };
-use lb_common::{ct_flags, StatReason, CT_DIR_REPLY};
-
-use crate::{conntrack, maps::LB_CONNTRACK, nat, parse::parse, stats::count};
 
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
     count(StatReason::Packets);
-    let mut pkt = match parse(ctx) {
-        Ok(p) => p,
-        Err(reason) => {
-            count(reason);
-            return TC_ACT_OK;
+    let ip = match parse::ip(ctx) {
+        Ok(ip) => ip,
+        Err(reason) => return pass(reason),
+    };
+    // C4: a later fragment gets what its first fragment got.
+    if ip.frag == Frag::Later {
+        return frag::later(ctx, &ip, FRAG_DIR_EGRESS);
+    }
+    let mut pkt = parse::unparsed(&ip);
+    let verdict = if ip.proto == PROTO_ICMP {
+        match parse::icmp_error(ctx, &ip) {
+            Some(mut e) => icmp_error(ctx, &mut e),
+            None => pass(StatReason::PassOtherProto),
+        }
+    } else {
+        match parse::l4(ctx, &ip) {
+            Ok(p) => {
+                pkt = p;
+                reply(ctx, &mut pkt)
+            }
+            Err(reason) => pass(reason),
         }
     };
+    if ip.frag == Frag::First {
+        frag::record(&ip, FRAG_DIR_EGRESS, verdict, &pkt);
+    }
+    verdict
+}
 
-    let key = conntrack::key_of(&pkt, CT_DIR_REPLY);
+/// A TCP or UDP packet: the reply of a flow translated at this client's
+/// edge?
+#[inline(always)]
+fn reply(ctx: &TcContext, pkt: &mut Packet) -> i32 {
+    let key = conntrack::key_of(pkt, CT_DIR_REPLY);
     if let Some(ptr) = LB_CONNTRACK.get_ptr_mut(key) {
         // SAFETY: a valid map value pointer; copied out at once.
         let entry = unsafe { *ptr };
-        if entry.flags & ct_flags::SNAT == 0 {
-            // SAFETY: no preconditions.
-            let now = unsafe { bpf_ktime_get_boot_ns() };
-            conntrack::touch_reply(ptr, &entry, &pkt, now);
-            if nat::snat(ctx, &mut pkt, entry.nat_addr, entry.nat_port).is_err() {
-                count(StatReason::DropRewriteFailed);
-                return TC_ACT_SHOT;
+        // Plain DNAT replies, and those of flows whose client port was
+        // remapped (C2); SNAT'ed flows are answered at ingress.
+        let remapped = entry.flags & ct_flags::PORT_REMAP != 0;
+        if entry.flags & ct_flags::SNAT == 0 || remapped {
+            conntrack::touch_reply(ptr, &entry, pkt);
+            if nat::snat(ctx, pkt, entry.nat_addr, entry.nat_port).is_err()
+                || (remapped && nat::dnat(ctx, pkt, entry.snat_addr, entry.snat_port).is_err())
+            {
+                return drop(StatReason::DropRewriteFailed);
             }
             count(StatReason::ReplyTranslated);
-            return TC_ACT_OK;
+            return pass(StatReason::PassTranslated);
         }
     }
-    count(StatReason::PassNotService);
-    TC_ACT_OK
+    pass(StatReason::PassNotService)
+}
+
+/// C3: an ICMP error toward a client of a flow translated at its edge
+/// (about the request as DNAT'ed, e.g. "fragmentation needed" from a router
+/// on the way to the backend): quote and outer header translated back.
+#[inline(never)]
+fn icmp_error(ctx: &TcContext, e: &mut IcmpError) -> i32 {
+    let Some(re) = icmp::related_at_egress(e) else {
+        return pass(StatReason::PassOtherProto);
+    };
+    let w = icmp::to_client(e, &re);
+    if icmp::apply(ctx, e, &w).is_err() {
+        return drop(StatReason::DropRewriteFailed);
+    }
+    icmp::translated();
+    pass(StatReason::PassTranslated)
 }

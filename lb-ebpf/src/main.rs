@@ -15,6 +15,8 @@
 //! | `backend`   | backend selection (random slot, session affinity)         |
 //! | `nat`       | DNAT/SNAT/reverse rewrites, FIB lookup + redirect         |
 //! | `reject`    | E1: TCP reset / ICMP port unreachable for empty services  |
+//! | `icmp`      | C3: ICMP errors of translated flows translated back       |
+//! | `frag`      | C4: later IP fragments get what their first one got       |
 //! | `ingress`   | the ingress pipeline (pod and uplink)                     |
 //! | `egress`    | the egress pipeline (reverse NAT of replies)              |
 //! | `sock`      | F2: socket-level LB for the node's own processes (cgroup) |
@@ -25,6 +27,8 @@ mod backend;
 mod conntrack;
 mod csum;
 mod egress;
+mod frag;
+mod icmp;
 mod ingress;
 mod maps;
 mod nat;

@@ -12,10 +12,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, BackendSlot, BackendSlotKey, BackendValue, ConntrackEntry,
-    ConntrackKey, DatapathConfig, NodeAddrValue, ServiceKey, ServicePortNameValue, ServiceValue,
-    SockRevNatKey, SockRevNatValue, SourceRangeKey, UplinkAddr, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REVNAT,
-    MAX_SOURCE_RANGES, MAX_UPLINKS, STAT_COUNT,
+    ConntrackKey, DatapathConfig, FragKey, FragValue, NodeAddrValue, ServiceKey,
+    ServicePortNameValue, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey, UplinkAddr,
+    MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_NODE_ADDRS,
+    MAX_SERVICES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MAX_UPLINKS, STAT_COUNT,
 };
 
 /// Maps written only by the agent are allocated on demand: preallocating
@@ -46,6 +46,12 @@ pub static LB_BACKENDS: HashMap<u32, BackendValue, { MAX_BACKENDS as usize }, NO
 /// Both directions of every translated flow.
 #[btf_map]
 pub static LB_CONNTRACK: LruHashMap<ConntrackKey, ConntrackEntry, { MAX_CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// C4: fragmented datagrams in flight: what their first fragment became
+/// (per hook direction), for the later fragments, which carry no ports.
+#[btf_map]
+pub static LB_FRAGMENTS: LruHashMap<FragKey, FragValue, { MAX_FRAGMENTS as usize }> =
     LruHashMap::new();
 
 /// Session affinity: (client address, service id) -> backend.

@@ -2,14 +2,16 @@
 //! forwards a packet itself, for packets the stack must not see with a
 //! rewritten source (SNAT'ed flows: their source is the node's own address,
 //! which the stack would drop as martian, or the hairpin address):
-//! [`fib_redirect`] (FIB lookup, then out of the interface the route names)
-//! and [`reflect`] (straight back out of the interface the packet came in
-//! on: M4 hairpin).
+//! [`route`] then [`fib_redirect`] (FIB lookup before the translation, so
+//! that a packet that cannot be forwarded is answered with an ICMP error
+//! about what its sender sent, C3; then out of the interface the route
+//! names) and [`reflect`] (straight back out of the interface the packet
+//! came in on: M4 hairpin).
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, bpf_redir_neigh, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT,
+        bpf_fib_lookup as FibParams, bpf_redir_neigh, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -22,8 +24,8 @@ use crate::{
         decrement_ttl, rewrite_addr, rewrite_port, RewriteError, IP_DADDR_OFF, IP_SADDR_OFF,
         L4_DPORT_OFF, L4_SPORT_OFF,
     },
-    parse::Packet,
-    stats::count,
+    parse::{Packet, Sent},
+    stats::{count, drop},
 };
 
 const AF_INET: u8 = 2;
@@ -49,41 +51,75 @@ pub fn snat(ctx: &TcContext, pkt: &mut Packet, addr: u32, port: u16) -> Result<(
     Ok(())
 }
 
-#[inline(always)]
-fn drop(reason: StatReason) -> i32 {
-    count(reason);
-    TC_ACT_SHOT
+/// Where [`route`] says a packet goes.
+#[derive(Clone, Copy, Default)]
+pub struct Route {
+    /// The egress interface.
+    ifindex: u32,
+    /// The next hop, when its neighbour entry is not resolved
+    /// (`bpf_redirect_neigh`); 0: `macs` holds the destination and source
+    /// MAC (`bpf_redirect`).
+    nexthop: u32,
+    macs: [u8; 12],
 }
 
-/// Forwards an already translated packet ourselves: decrement the TTL, look
-/// the new destination up in the FIB (as a packet forwarded from the
-/// interface it arrived on), then either rewrite the Ethernet addresses and
-/// `bpf_redirect` to the egress interface, or, when the neighbour is not
-/// resolved yet, `bpf_redirect_neigh` to let the kernel resolve it. Any other
-/// FIB answer (no route, forwarding disabled, needs fragmentation, ...)
-/// drops the packet.
+/// The length the FIB compares with the route's MTU: the IPv4 total
+/// length, or for a GSO packet (a TSO/GRO super-packet) the size of each
+/// segment it will be cut into.
 #[inline(always)]
-pub fn fib_redirect(ctx: &TcContext, pkt: &Packet) -> i32 {
-    // The stack would answer TTL 1 with ICMP time exceeded; we cannot.
-    if pkt.ttl_proto.to_ne_bytes()[0] <= 1 {
-        return drop(StatReason::DropFibFailed);
+fn mtu_len(ctx: &TcContext, pkt: &Packet) -> u16 {
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 {
+        return pkt.tot_len;
     }
-    if decrement_ttl(ctx, pkt.ttl_proto).is_err() {
-        return drop(StatReason::DropRewriteFailed);
+    let seg = gso_size + crate::csum::IP_HLEN as u32 + u32::from(pkt.l4_hlen);
+    if seg > 0xffff {
+        0xffff
+    } else {
+        seg as u16
     }
+}
 
+/// Decides where a packet the datapath forwards itself goes, **before** it
+/// is translated, so that what cannot be forwarded is answered with an ICMP
+/// error about the packet as its sender sent it (C3). `out` is the packet as
+/// it will leave (translated addresses and ports). As the kernel's
+/// forwarding path would:
+/// - TTL <= 1: ICMP time exceeded (a router does not forward it);
+/// - `bpf_fib_lookup` as if forwarded from the interface it arrived on,
+///   with its length, so the route's MTU (a locked route MTU, a learned
+///   path MTU, the device's) is checked: too big is answered with ICMP
+///   fragmentation needed and the next-hop MTU (lb cannot fragment);
+/// - no route, forwarding disabled, an unreachable or prohibit route, ...:
+///   dropped (`drop_fib_failed`).
+///
+/// `node` is the node address errors would come from, 0 for no ICMP error
+/// at all (never about a later fragment, RFC 792, nor about an ICMP error):
+/// those packets are dropped. Returns [`ROUTED`] with `route` filled in,
+/// [`ANSWER`] + the next-hop MTU (0: TTL) when the caller is to answer with
+/// `reject::router_error`, or the verdict of a dropped packet. A BPF
+/// function of its own, to keep the callers' stack small; it calls nothing
+/// heavy itself, so no call chain grows deeper than two frames.
+#[inline(never)]
+pub fn route(ctx: &TcContext, pkt: &Packet, out: &Packet, node: u32, route: &mut Route) -> i32 {
+    if pkt.ttl_proto.to_ne_bytes()[0] <= 1 {
+        return if node != 0 {
+            ANSWER
+        } else {
+            drop(StatReason::DropFibFailed)
+        };
+    }
     // SAFETY: an all-zero bpf_fib_lookup is a valid value.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
-    fib.l4_protocol = pkt.proto;
-    fib.sport = pkt.sport;
-    fib.dport = pkt.dport;
-    // tot_len stays 0: the kernel then checks the skb against the egress
-    // MTU with is_skb_forwardable(), which accepts GSO/GRO packets; a
-    // tot_len would compare the whole super-packet with the MTU and fail.
-    fib.__bindgen_anon_2.tos = pkt.tos;
-    fib.__bindgen_anon_3.ipv4_src = pkt.saddr;
-    fib.__bindgen_anon_4.ipv4_dst = pkt.daddr;
+    fib.l4_protocol = out.proto;
+    fib.sport = out.sport;
+    fib.dport = out.dport;
+    fib.__bindgen_anon_1.tot_len = mtu_len(ctx, pkt);
+    fib.__bindgen_anon_2.tos = out.tos;
+    fib.__bindgen_anon_3.ipv4_src = out.saddr;
+    fib.__bindgen_anon_4.ipv4_dst = out.daddr;
     // SAFETY: the context pointer is valid for the program's lifetime.
     fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
 
@@ -97,37 +133,69 @@ pub fn fib_redirect(ctx: &TcContext, pkt: &Packet) -> i32 {
         )
     };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        let mut macs = [0u8; 12];
-        macs[..6].copy_from_slice(&fib.dmac);
-        macs[6..].copy_from_slice(&fib.smac);
-        if ctx.store(0, &macs, 0).is_err() {
+        route.ifindex = fib.ifindex;
+        route.nexthop = 0;
+        route.macs[..6].copy_from_slice(&fib.dmac);
+        route.macs[6..].copy_from_slice(&fib.smac);
+        return 0;
+    }
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        // The lookup left the egress interface and the next hop in `fib`.
+        route.ifindex = fib.ifindex;
+        // SAFETY: reading the union member the kernel filled in.
+        route.nexthop = unsafe { fib.__bindgen_anon_4.ipv4_dst };
+        return 0;
+    }
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 && node != 0 {
+        // SAFETY: reading the union member the kernel filled in.
+        let mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
+        if mtu != 0 {
+            return ANSWER + i32::from(mtu);
+        }
+    }
+    drop(StatReason::DropFibFailed)
+}
+
+/// [`route`] found the way.
+pub const ROUTED: i32 = 0;
+/// [`route`]: answer with an ICMP error; plus the next-hop MTU ("fragmentation
+/// needed"), or plus 0 (TTL: "time exceeded").
+pub const ANSWER: i32 = 0x1_0000;
+
+/// Forwards a translated packet ourselves along `route` (from [`route`]):
+/// decrement the TTL, then either rewrite the Ethernet addresses and
+/// `bpf_redirect` to the egress interface, or, when the neighbour is not
+/// resolved yet, `bpf_redirect_neigh` to let the kernel resolve it.
+#[inline(always)]
+pub fn fib_redirect(ctx: &TcContext, pkt: &mut Packet, route: &Route) -> i32 {
+    if decrement_ttl(ctx, pkt.ttl_proto).is_err() {
+        return drop(StatReason::DropRewriteFailed);
+    }
+    pkt.sent = Sent::Fib;
+    if route.nexthop == 0 {
+        if ctx.store(0, &route.macs, 0).is_err() {
             return drop(StatReason::DropRewriteFailed);
         }
         count(StatReason::Redirected);
         // SAFETY: no preconditions.
-        return unsafe { bpf_redirect(fib.ifindex, 0) } as i32;
+        return unsafe { bpf_redirect(route.ifindex, 0) } as i32;
     }
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        // The lookup left the egress interface and the next hop in `fib`.
-        // SAFETY: reading the union members the kernel filled in.
-        let mut nh = bpf_redir_neigh {
-            nh_family: u32::from(AF_INET),
-            __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
-                ipv4_nh: unsafe { fib.__bindgen_anon_4.ipv4_dst },
-            },
-        };
-        count(StatReason::Redirected);
-        // SAFETY: nh is a valid bpf_redir_neigh of the given size.
-        return unsafe {
-            bpf_redirect_neigh(
-                fib.ifindex,
-                &mut nh,
-                core::mem::size_of::<bpf_redir_neigh>() as i32,
-                0,
-            )
-        } as i32;
+    let mut nh = bpf_redir_neigh {
+        nh_family: u32::from(AF_INET),
+        __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
+            ipv4_nh: route.nexthop,
+        },
+    };
+    count(StatReason::Redirected);
+    // SAFETY: nh is a valid bpf_redir_neigh of the given size.
+    unsafe {
+        bpf_redirect_neigh(
+            route.ifindex,
+            &mut nh,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        ) as i32
     }
-    drop(StatReason::DropFibFailed)
 }
 
 /// M4 hairpin: sends a translated packet straight back out of the interface
@@ -143,7 +211,7 @@ pub fn fib_redirect(ctx: &TcContext, pkt: &Packet) -> i32 {
 /// netfilter. The TTL is lowered as a router would (the pod sees its
 /// packet come back from its gateway).
 #[inline(always)]
-pub fn reflect(ctx: &TcContext, pkt: &Packet) -> i32 {
+pub fn reflect(ctx: &TcContext, pkt: &mut Packet) -> i32 {
     if pkt.ttl_proto.to_ne_bytes()[0] <= 1 {
         return drop(StatReason::DropFibFailed);
     }
@@ -159,6 +227,7 @@ pub fn reflect(ctx: &TcContext, pkt: &Packet) -> i32 {
     if ctx.store(0, &swapped, 0).is_err() {
         return drop(StatReason::DropRewriteFailed);
     }
+    pkt.sent = Sent::Reflect;
     count(StatReason::Redirected);
     // SAFETY: the context pointer is valid for the program's lifetime.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };

@@ -1,6 +1,8 @@
 //! E1: a frontend with no usable endpoint at all answers like kube-proxy's
 //! REJECT: a TCP reset for TCP, an ICMP port unreachable for UDP, built from
 //! the offending packet and sent back out of the interface it came in on.
+//! C3: a packet the datapath forwards itself but cannot (TTL, MTU) gets the
+//! ICMP error a router sends, built the same way ([`router_error`]).
 //!
 //! The answer is written over the packet itself: resize it with
 //! `bpf_skb_change_tail` (a slow-path helper meant for exactly this: it
@@ -27,7 +29,7 @@
 //!   for the ICMP error), so nothing reads past its end.
 
 use aya_ebpf::{
-    bindings::{BPF_F_INVALIDATE_HASH, BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT},
+    bindings::{BPF_F_INVALIDATE_HASH, BPF_F_RECOMPUTE_CSUM},
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
     EbpfContext,
@@ -36,14 +38,16 @@ use lb_common::{StatReason, PROTO_TCP};
 
 use crate::{
     csum::{ETH_HLEN, IP_HLEN, IP_OFF, L4_OFF, TCP_HLEN, UDP_HLEN},
-    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    stats::count,
+    parse::{Packet, Sent, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats::{count, drop},
 };
 
 const ETH_P_IP: [u8; 2] = [0x08, 0x00];
 const PROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_HLEN: usize = 8;
 /// What an ICMP error quotes: the offending IPv4 header (no options reach
 /// here) and the first 8 bytes of its payload, the whole UDP header.
@@ -192,11 +196,21 @@ fn tcp_reset(ctx: &TcContext, pkt: &Packet) -> Result<(), i64> {
     rewrite(ctx, RST_LEN, &eth, &l3)
 }
 
-/// Turns a UDP datagram into an ICMP port unreachable from the frontend to
-/// the client, quoting the datagram's IPv4 header and UDP header exactly as
-/// the client sent them, so that its kernel finds the socket.
+/// Turns a packet into an ICMP error (`icmp_type`, `code`, the 4-byte
+/// `rest` of the header: unused, or the next-hop MTU of "fragmentation
+/// needed") from `saddr` to the packet's sender, quoting the packet's IPv4
+/// header and the first 8 bytes of its payload (the ports, and TCP's
+/// sequence number) exactly as they arrived, so that the sender's kernel
+/// finds the socket.
 #[inline(always)]
-fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), i64> {
+fn icmp_error(
+    ctx: &TcContext,
+    pkt: &Packet,
+    icmp_type: u8,
+    code: u8,
+    rest: [u8; 4],
+    saddr: u32,
+) -> Result<(), i64> {
     let eth = ethernet(ctx)?;
     let quote: [u8; ICMP_QUOTE] = ctx.load(IP_OFF)?;
 
@@ -206,13 +220,14 @@ fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), i64> {
         TOS_ICMP_ERROR,
         UNREACH_L3_LEN as u16,
         PROTO_ICMP,
-        pkt.daddr,
+        saddr,
         pkt.saddr,
     );
     let icmp = &mut l3[IP_HLEN..];
-    icmp[0] = ICMP_DEST_UNREACH;
-    icmp[1] = ICMP_PORT_UNREACH;
-    // Checksum (2..4) and the unused word (4..8) stay zero for the sum.
+    icmp[0] = icmp_type;
+    icmp[1] = code;
+    // The checksum (2..4) stays zero for the sum.
+    icmp[4..ICMP_HLEN].copy_from_slice(&rest);
     icmp[ICMP_HLEN..].copy_from_slice(&quote);
     let c = fold(sum16(icmp, 0));
     icmp[2..4].copy_from_slice(&c);
@@ -224,25 +239,76 @@ fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), i64> {
 /// answer back where the packet came from. A TCP reset is never answered,
 /// nor a packet from an address that cannot be a unicast sender: those are
 /// dropped (`drop_no_backend`).
-#[inline(always)]
-pub fn reject(ctx: &TcContext, pkt: &Packet) -> i32 {
+#[inline(never)]
+pub fn reject(ctx: &TcContext, pkt: &mut Packet) -> i32 {
     let is_tcp = pkt.proto == PROTO_TCP;
     if !answerable(pkt.saddr) || (is_tcp && pkt.tcp_flags & TCP_RST != 0) {
-        count(StatReason::DropNoBackend);
-        return TC_ACT_SHOT;
+        return drop(StatReason::DropNoBackend);
     }
     let built = if is_tcp {
         tcp_reset(ctx, pkt)
     } else {
-        port_unreachable(ctx, pkt)
+        icmp_error(
+            ctx,
+            pkt,
+            ICMP_DEST_UNREACH,
+            ICMP_PORT_UNREACH,
+            [0; 4],
+            pkt.daddr,
+        )
     };
     if built.is_err() {
-        count(StatReason::DropRewriteFailed);
-        return TC_ACT_SHOT;
+        return drop(StatReason::DropRewriteFailed);
     }
+    pkt.sent = Sent::Answered;
     count(StatReason::RejectNoEndpoint);
+    back(ctx)
+}
+
+/// Sends the rewritten packet back out of the interface it came in on.
+#[inline(always)]
+fn back(ctx: &TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's lifetime.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: no preconditions.
     unsafe { bpf_redirect(ifindex, 0) as i32 }
+}
+
+/// C3: answers a packet the datapath would forward itself (a SNAT'ed flow)
+/// but cannot, as the kernel's forwarding path would: with `mtu` 0 (TTL
+/// <= 1), ICMP time exceeded in transit (type 11, code 0); otherwise (too
+/// big for the route), ICMP fragmentation needed (type 3, code 4) with the
+/// next-hop MTU; from `saddr` (the node address the flow uses),
+/// quoting the packet as it arrived, sent back out of the interface it came
+/// in on. A packet from an address that cannot be answered is dropped
+/// (`drop_fib_failed`). lb cannot fragment, so "fragmentation needed" also
+/// answers a packet without DF: Linux senders then fragment to the MTU
+/// given, and the packet at hand is lost, as with a drop.
+#[inline(never)]
+pub fn router_error(ctx: &TcContext, pkt: &mut Packet, mtu: u16, saddr: u32) -> i32 {
+    if !answerable(pkt.saddr) {
+        return drop(StatReason::DropFibFailed);
+    }
+    let m = mtu.to_be_bytes();
+    let (t, code, rest, reason) = if mtu == 0 {
+        (
+            ICMP_TIME_EXCEEDED,
+            0,
+            [0; 4],
+            StatReason::IcmpTimeExceededSent,
+        )
+    } else {
+        (
+            ICMP_DEST_UNREACH,
+            ICMP_FRAG_NEEDED,
+            [0, 0, m[0], m[1]],
+            StatReason::IcmpFragNeededSent,
+        )
+    };
+    if icmp_error(ctx, pkt, t, code, rest, saddr).is_err() {
+        return drop(StatReason::DropRewriteFailed);
+    }
+    pkt.sent = Sent::Answered;
+    count(reason);
+    back(ctx)
 }

@@ -1,8 +1,19 @@
-//! Per-CPU counters (`LB_STATS`), one slot per `lb_common::StatReason`.
+//! Per-CPU counters (`LB_STATS`), one slot per `lb_common::StatReason`, and
+//! the verdicts that end a program run, each with its outcome counted
+//! (`StatReason::is_outcome`: every run ends on exactly one).
 
+use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
 use lb_common::StatReason;
 
 use crate::maps::LB_STATS;
+
+/// The verdict of every packet that continues, translated or not: TCX_NEXT
+/// under TCX, TC_ACT_UNSPEC on a legacy clsact filter (the same value, -1).
+/// The next TCX program, then the legacy tc filters of the interface (the
+/// CNI bandwidth plugin's, observability tools'), still see the packet;
+/// when none is left, it goes up the stack (SEMANTICS C5). TC_ACT_OK would
+/// end the chain there.
+pub const NEXT: i32 = TC_ACT_UNSPEC;
 
 /// Adds one to the counter of `reason` on this CPU.
 #[inline(always)]
@@ -12,4 +23,18 @@ pub fn count(reason: StatReason) {
         // this CPU, and programs do not preempt each other on one CPU.
         unsafe { *slot += 1 };
     }
+}
+
+/// Lets the packet continue (`NEXT`), counting `reason` as its outcome.
+#[inline(always)]
+pub fn pass(reason: StatReason) -> i32 {
+    count(reason);
+    NEXT
+}
+
+/// Drops the packet, counting `reason` as its outcome.
+#[inline(always)]
+pub fn drop(reason: StatReason) -> i32 {
+    count(reason);
+    TC_ACT_SHOT
 }

@@ -24,6 +24,14 @@ use lb_common::{
 
 use crate::artifacts;
 
+/// The verdicts of the TC programs, as BPF_PROG_TEST_RUN reports them
+/// (`u32`). Every packet that continues, translated or not, gets
+/// TC_ACT_UNSPEC (-1, TCX_NEXT under TCX): later programs and tc filters on
+/// the interface still see it (SEMANTICS C5). lb never returns TC_ACT_OK.
+pub const TC_ACT_UNSPEC: u32 = -1i32 as u32;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
 /// What one BPF_PROG_TEST_RUN gave back.
 #[derive(Debug)]
 pub struct Run {
@@ -175,6 +183,20 @@ impl Datapath {
     }
 
     fn run_ctx(&self, prog: &str, frame: &[u8], ifindex: Option<u32>) -> Run {
+        self.try_run_on(prog, frame, ifindex)
+            .unwrap_or_else(|e| panic!("test_run {prog} ({} bytes): {e:?}", frame.len()))
+    }
+
+    /// Like [`Self::run_on`] (`ifindex` optional), but a frame the kernel
+    /// refuses to run (BPF_PROG_TEST_RUN wants at least an Ethernet
+    /// header, and a whole IPv4 header after an IPv4 EtherType) is an
+    /// error instead of a panic: the fuzzer makes such frames.
+    pub fn try_run_on(
+        &self,
+        prog: &str,
+        frame: &[u8],
+        ifindex: Option<u32>,
+    ) -> Result<Run, aya::programs::ProgramError> {
         let p: &SchedClassifier = self
             .ebpf
             .program(prog)
@@ -189,21 +211,19 @@ impl Datapath {
             ctx[40..44].copy_from_slice(&i.to_ne_bytes());
         }
         // One run: a repeated run would see its own rewritten packet.
-        let r = p
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: ifindex.map(|_| &ctx[..]),
-                repeat: 1,
-                ..TestRunOptions::default()
-            })
-            .unwrap_or_else(|e| panic!("test_run {prog} ({} bytes): {e:?}", frame.len()));
+        let r = p.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: ifindex.map(|_| &ctx[..]),
+            repeat: 1,
+            ..TestRunOptions::default()
+        })?;
         out.truncate(r.data_size_out as usize);
-        Run {
+        Ok(Run {
             ret: r.return_value,
             out,
             duration: r.duration,
-        }
+        })
     }
 
     // ---- typed maps
@@ -410,7 +430,32 @@ impl Datapath {
         self.stats()[reason as usize]
     }
 
-    /// Asserts every counter: those listed have the given value, all others 0.
+    /// Asserts that every program run ended on exactly one outcome counter
+    /// (`StatReason::is_outcome`): their sum equals `packets`.
+    #[track_caller]
+    pub fn assert_outcomes_sum(&self) {
+        let actual = self.stats();
+        let outcomes: u64 = StatReason::ALL
+            .iter()
+            .filter(|r| r.is_outcome())
+            .map(|r| actual[*r as usize])
+            .sum();
+        assert_eq!(
+            outcomes,
+            actual[StatReason::Packets as usize],
+            "outcome counters do not add up to packets: {}",
+            StatReason::ALL
+                .iter()
+                .filter(|r| actual[**r as usize] != 0)
+                .map(|r| format!("{}={}", r.name(), actual[*r as usize]))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+
+    /// Asserts every counter: those listed have the given value, all others
+    /// 0; and that the outcomes add up ([`Self::assert_outcomes_sum`]).
+    #[track_caller]
     pub fn assert_stats(&self, expected: &[(StatReason, u64)]) {
         let actual = self.stats();
         let mut want = [0u64; STAT_COUNT as usize];
@@ -432,5 +477,6 @@ impl Datapath {
                 show(&want)
             );
         }
+        self.assert_outcomes_sum();
     }
 }

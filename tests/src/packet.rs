@@ -426,6 +426,86 @@ pub fn icmp_port_unreachable(src: Ipv4Addr, dst: Ipv4Addr, quote: &[u8]) -> Ipv4
     )
 }
 
+/// Splits an Ethernet/IPv4 frame (IHL 5) into IP fragments carrying at
+/// most `chunk` bytes of the IP payload each (rounded down to a multiple of
+/// 8): every fragment has the original's header with its own total length,
+/// MF flag and offset (DF cleared) and a recomputed header checksum.
+pub fn fragments(frame: &[u8], chunk: usize) -> Vec<Vec<u8>> {
+    let chunk = chunk / 8 * 8;
+    assert!(chunk >= 8);
+    let hdr = &frame[..ETH_HLEN + 20];
+    let payload = &frame[ETH_HLEN + 20..];
+    let mut out = Vec::new();
+    let mut offset = 0;
+    while offset < payload.len() {
+        let end = (offset + chunk).min(payload.len());
+        let more = end < payload.len();
+        let mut f = hdr.to_vec();
+        f.extend_from_slice(&payload[offset..end]);
+        let tot = (20 + end - offset) as u16;
+        f[off::IP + 2..off::IP + 4].copy_from_slice(&tot.to_be_bytes());
+        let word = ((offset / 8) as u16) | if more { 0x2000 } else { 0 };
+        f[off::IP + 6..off::IP + 8].copy_from_slice(&word.to_be_bytes());
+        f[off::IP_CSUM..off::IP_CSUM + 2].copy_from_slice(&[0, 0]);
+        let c = internet_checksum(&f[off::IP..off::IP + 20]);
+        f[off::IP_CSUM..off::IP_CSUM + 2].copy_from_slice(&c.to_be_bytes());
+        out.push(f);
+        offset = end;
+    }
+    out
+}
+
+/// Puts fragments (in any order) back together into one frame, as the
+/// receiver's reassembly would: the first fragment's Ethernet and IPv4
+/// header (offset 0, MF cleared, total length and checksum recomputed) and
+/// the payloads at their offsets. Panics if the fragments disagree on the
+/// addresses, protocol or id, or leave a hole.
+pub fn reassemble(frags: &[Vec<u8>]) -> Vec<u8> {
+    let word = |f: &[u8]| u16::from_be_bytes([f[off::IP + 6], f[off::IP + 7]]);
+    let first = frags
+        .iter()
+        .find(|f| word(f) & 0x1fff == 0)
+        .expect("no first fragment");
+    let mut payload: Vec<u8> = Vec::new();
+    let mut parts: Vec<(usize, &[u8])> = frags
+        .iter()
+        .map(|f| {
+            assert_eq!(
+                (
+                    &f[off::IP_SRC..off::IP_DST + 4],
+                    f[off::IP + 9],
+                    &f[off::IP + 4..off::IP + 6]
+                ),
+                (
+                    &first[off::IP_SRC..off::IP_DST + 4],
+                    first[off::IP + 9],
+                    &first[off::IP + 4..off::IP + 6]
+                ),
+                "fragments of different datagrams"
+            );
+            let tot = usize::from(u16::from_be_bytes([f[off::IP + 2], f[off::IP + 3]]));
+            (
+                usize::from(word(f) & 0x1fff) * 8,
+                &f[off::L4..off::IP + tot],
+            )
+        })
+        .collect();
+    parts.sort_by_key(|(o, _)| *o);
+    for (o, p) in parts {
+        assert_eq!(o, payload.len(), "a hole in the fragments");
+        payload.extend_from_slice(p);
+    }
+    let mut f = first[..off::L4].to_vec();
+    f.extend_from_slice(&payload);
+    let tot = (20 + payload.len()) as u16;
+    f[off::IP + 2..off::IP + 4].copy_from_slice(&tot.to_be_bytes());
+    f[off::IP + 6..off::IP + 8].copy_from_slice(&[0, 0]);
+    f[off::IP_CSUM..off::IP_CSUM + 2].copy_from_slice(&[0, 0]);
+    let c = internet_checksum(&f[off::IP..off::L4]);
+    f[off::IP_CSUM..off::IP_CSUM + 2].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
 /// An Ethernet II header.
 pub fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8> {
     let mut f = Vec::with_capacity(64);
@@ -738,6 +818,21 @@ mod tests {
         g[last] ^= 0x40;
         let cs = recompute_checksums(&g);
         assert!(cs[0].ok() && !cs[1].ok(), "{cs:?}");
+    }
+
+    #[test]
+    fn fragments_reassemble() {
+        let mut f = udp(sa("10.0.0.1:1000"), sa("10.0.0.2:53")).with_payload(&[5; 3000]);
+        f.frag = 0;
+        let whole = f.build();
+        let frags = fragments(&whole, 1480);
+        assert_eq!(frags.len(), 3);
+        for g in &frags {
+            assert_checksums(g);
+        }
+        let mut shuffled = frags.clone();
+        shuffled.reverse();
+        assert_eq!(reassemble(&shuffled), whole);
     }
 
     #[test]

@@ -28,9 +28,7 @@ use lb_tests::netns::in_private_netns;
 use lb_tests::packet::{self, *};
 use lb_tests::require_privileges;
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
+use lb_tests::datapath::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC};
 
 const POD_INGRESS: &str = program_names::POD_INGRESS;
 const POD_EGRESS: &str = program_names::POD_EGRESS;
@@ -283,6 +281,14 @@ fn object_has_every_map_and_program() {
                 lb_common::MAX_SOCK_REVNAT,
                 0,
             ),
+            (
+                map_names::FRAGMENTS,
+                MapType::LruHash,
+                std::mem::size_of::<lb_common::FragKey>() as u32,
+                std::mem::size_of::<lb_common::FragValue>() as u32,
+                lb_common::MAX_FRAGMENTS,
+                0,
+            ),
         ];
         for (name, ty, key, value, max, flags) in want {
             let info = match dp.ebpf.map(name).unwrap() {
@@ -323,7 +329,7 @@ fn f1_cluster_ip_tcp_syn_is_dnated_with_conntrack_both_ways() {
         let syn = tcp(sa(CLIENT), sa(VIP), TCP_SYN);
         let t0 = boot_ns();
         let r = dp.run(POD_INGRESS, &syn.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         // Only the destination changes; the client's source is kept (F1).
         assert_frame_eq(&r.out, &syn.clone().with_destination(sa(BACKEND_1)).build());
 
@@ -356,7 +362,11 @@ fn f1_cluster_ip_tcp_syn_is_dnated_with_conntrack_both_ways() {
             t0,
         );
         assert_eq!(dp.ct_all().len(), 2);
-        dp.assert_stats(&[(StatReason::Packets, 1), (StatReason::NewFlow, 1)]);
+        dp.assert_stats(&[
+            (StatReason::Packets, 1),
+            (StatReason::NewFlow, 1),
+            (StatReason::PassTranslated, 1),
+        ]);
     });
 }
 
@@ -375,7 +385,7 @@ fn f1_cluster_ip_udp_is_dnated_with_conntrack_both_ways() {
         let q = udp(sa(CLIENT), sa(dns));
         let t0 = boot_ns();
         let r = dp.run(POD_INGRESS, &q.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         let out = r.out;
         assert_frame_eq(
             &out,
@@ -407,7 +417,7 @@ fn f1_cluster_ip_udp_is_dnated_with_conntrack_both_ways() {
         // The answer through the client's pod egress comes from the ClusterIP.
         let answer = udp(sa("10.244.3.3:5353"), sa(CLIENT));
         let r = dp.run(POD_EGRESS, &answer.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_frame_eq(&r.out, &answer.with_source(sa(dns)).build());
         let rev = dp
             .ct(&ct_key(
@@ -426,6 +436,7 @@ fn f1_cluster_ip_udp_is_dnated_with_conntrack_both_ways() {
             (StatReason::Packets, 2),
             (StatReason::NewFlow, 1),
             (StatReason::ReplyTranslated, 1),
+            (StatReason::PassTranslated, 2),
         ]);
     });
 }
@@ -444,19 +455,20 @@ fn udp_zero_checksum_stays_zero_both_ways() {
         ));
         let q = udp_no_checksum(sa(CLIENT), sa(dns));
         let r = dp.run(POD_INGRESS, &q.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_eq!(&r.out[off::UDP_CSUM..off::UDP_CSUM + 2], &[0, 0]);
         assert_frame_eq(&r.out, &q.with_destination(sa("10.244.3.3:5353")).build());
 
         let a = udp_no_checksum(sa("10.244.3.3:5353"), sa(CLIENT));
         let r = dp.run(POD_EGRESS, &a.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_eq!(&r.out[off::UDP_CSUM..off::UDP_CSUM + 2], &[0, 0]);
         assert_frame_eq(&r.out, &a.with_source(sa(dns)).build());
         dp.assert_stats(&[
             (StatReason::Packets, 2),
             (StatReason::NewFlow, 1),
             (StatReason::ReplyTranslated, 1),
+            (StatReason::PassTranslated, 2),
         ]);
     });
 }
@@ -481,10 +493,14 @@ fn udp_checksum_is_right_for_many_tuples() {
                 sa(dns),
             );
             let r = dp.run(POD_INGRESS, &q.build());
-            assert_eq!(r.ret, TC_ACT_OK);
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
             assert_frame_eq(&r.out, &q.with_destination(sa("10.244.3.3:5353")).build());
         }
-        dp.assert_stats(&[(StatReason::Packets, 300), (StatReason::NewFlow, 300)]);
+        dp.assert_stats(&[
+            (StatReason::Packets, 300),
+            (StatReason::NewFlow, 300),
+            (StatReason::PassTranslated, 300),
+        ]);
     });
 }
 
@@ -530,9 +546,13 @@ fn udp_checksum_that_computes_to_zero_is_sent_as_ffff() {
         let input = q.build();
         assert_ne!(&input[off::UDP_CSUM..off::UDP_CSUM + 2], &[0xff, 0xff]);
         let r = dp.run(POD_INGRESS, &input);
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_eq!(r.out, want, "\n{}\n{}", hex(&r.out), hex(&want));
-        dp.assert_stats(&[(StatReason::Packets, 1), (StatReason::NewFlow, 1)]);
+        dp.assert_stats(&[
+            (StatReason::Packets, 1),
+            (StatReason::NewFlow, 1),
+            (StatReason::PassTranslated, 1),
+        ]);
     });
 }
 
@@ -560,7 +580,7 @@ fn not_a_service_passes_unchanged() {
         for prog in program_names::ALL {
             for f in &frames {
                 let r = dp.run(prog, f);
-                assert_eq!(r.ret, TC_ACT_OK, "{prog}");
+                assert_eq!(r.ret, TC_ACT_UNSPEC, "{prog}");
                 assert_eq!(r.out, *f, "{prog} changed a non-service packet");
                 n += 1;
             }
@@ -586,7 +606,7 @@ fn non_ipv4_passes_unchanged() {
         for prog in program_names::ALL {
             for f in &frames {
                 let r = dp.run(prog, f);
-                assert_eq!(r.ret, TC_ACT_OK);
+                assert_eq!(r.ret, TC_ACT_UNSPEC);
                 assert_eq!(r.out, *f, "{prog} changed {}", hex(f));
                 n += 1;
             }
@@ -647,7 +667,7 @@ fn truncated_packets_pass_unchanged() {
         for prog in program_names::ALL {
             for f in &frames {
                 let r = dp.run(prog, f);
-                assert_eq!(r.ret, TC_ACT_OK);
+                assert_eq!(r.ret, TC_ACT_UNSPEC);
                 assert_eq!(r.out, *f, "{prog} changed truncated {}", hex(f));
                 n += 1;
             }
@@ -658,38 +678,187 @@ fn truncated_packets_pass_unchanged() {
 }
 
 #[test]
-fn fragments_pass_unchanged() {
+fn c4_fragments_of_other_traffic_pass_unchanged_and_orphans_are_dropped() {
+    // Every first fragment is recorded, so the later fragments of ordinary
+    // traffic pass unchanged; a later fragment whose first fragment was
+    // never seen is dropped (it could be a service datagram's, which must
+    // never leak untranslated).
     require_privileges!();
     in_private_netns(|| {
         let mut dp = Datapath::load();
         web(&mut dp);
-        let dns = "10.96.0.10:53";
+        let mut frames = 0;
+        for (n, prog) in program_names::ALL.into_iter().enumerate() {
+            for (i, proto) in [PROTO_TCP, PROTO_UDP, packet::PROTO_ICMP]
+                .into_iter()
+                .enumerate()
+            {
+                let mut f = match proto {
+                    PROTO_TCP => tcp(sa(CLIENT), sa("10.244.7.7:9000"), TCP_ACK),
+                    PROTO_UDP => udp(sa(CLIENT), sa("10.244.7.7:9000")),
+                    _ => icmp_echo(*sa(CLIENT).ip(), Ipv4Addr::new(10, 244, 7, 7)),
+                }
+                .with_payload(&[3; 2000]);
+                if let packet::L4::IcmpEcho { payload, .. } = &mut f.l4 {
+                    *payload = vec![3; 2000];
+                }
+                f.frag = 0;
+                f.id = 0x100 + n as u16 * 3 + i as u16;
+                for g in fragments(&f.build(), 800) {
+                    let r = dp.run(prog, &g);
+                    assert_eq!((r.ret, &r.out), (TC_ACT_UNSPEC, &g), "{prog}");
+                    frames += 1;
+                }
+            }
+        }
+        // 3 fragments each: first ones are not service traffic (or not
+        // TCP/UDP), later ones pass as fragments.
+        assert_eq!(frames, 4 * 3 * 3);
+        // A later fragment alone.
+        let mut f = udp(sa(CLIENT), sa("10.96.0.10:53")).with_payload(&[3; 2000]);
+        f.frag = 0;
+        f.id = 0x7777;
+        let orphan = fragments(&f.build(), 800)[1].clone();
+        for prog in program_names::ALL {
+            let r = dp.run(prog, &orphan);
+            assert_eq!(r.ret, TC_ACT_SHOT, "{prog}");
+        }
+        assert!(dp.ct_all().is_empty());
+        dp.assert_stats(&[
+            (StatReason::Packets, 36 + 4),
+            (StatReason::PassNotService, 8),
+            (StatReason::PassOtherProto, 4),
+            (StatReason::PassFragment, 24),
+            (StatReason::DropFragmentNoFirst, 4),
+        ]);
+    });
+}
+
+#[test]
+fn c4_a_service_datagrams_fragments_are_translated_both_ways() {
+    // A big UDP query to a ClusterIP and a big answer, fragmented: every
+    // fragment of the query gets the backend's address (the first one the
+    // port too, and its UDP checksum covers the whole datagram), every
+    // fragment of the answer the ClusterIP's; reassembled, each is exactly
+    // the datagram translated whole.
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        let dns = sa("10.96.0.10:53");
+        let backend = sa("10.244.3.3:5353");
         dp.add_service(&ServiceEntry::cluster_ip(
             7,
-            sa(dns),
+            dns,
             PROTO_UDP,
             vec![be(70, "10.244.3.3:5353")],
         ));
-        let mut frames = Vec::new();
-        for frag in [0x2000u16, 0x0001, 0x2010, 0x1fff] {
-            let mut t = tcp(sa(CLIENT), sa(VIP), TCP_SYN);
-            t.frag = frag;
-            frames.push(t.build());
-            let mut u = udp(sa(CLIENT), sa(dns));
-            u.frag = frag;
-            frames.push(u.build());
+        let payload: Vec<u8> = (0..4000u32).map(|i| (i * 7) as u8).collect();
+        let mut q = udp(sa(CLIENT), dns).with_payload(&payload);
+        q.frag = 0;
+        let frags = fragments(&q.build(), 1480);
+        assert_eq!(frags.len(), 3);
+        let mut out = Vec::new();
+        for g in &frags {
+            let r = dp.run(POD_INGRESS, g);
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
+            assert_checksums(&r.out);
+            out.push(r.out);
         }
-        let mut n = 0;
-        for prog in [POD_INGRESS, UPLINK_INGRESS, POD_EGRESS] {
-            for f in &frames {
-                let r = dp.run(prog, f);
-                assert_eq!(r.ret, TC_ACT_OK);
-                assert_eq!(r.out, *f, "{prog} changed fragment {}", hex(f));
-                n += 1;
-            }
+        assert_frame_eq(
+            &reassemble(&out),
+            &q.clone().with_destination(backend).build(),
+        );
+        let mut a = udp(backend, sa(CLIENT)).with_payload(&payload);
+        a.frag = 0;
+        a.id = 0x4321;
+        let mut out = Vec::new();
+        for g in fragments(&a.build(), 1480) {
+            let r = dp.run(POD_EGRESS, &g);
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
+            assert_checksums(&r.out);
+            out.push(r.out);
         }
-        assert!(dp.ct_all().is_empty());
-        dp.assert_stats(&[(StatReason::Packets, n), (StatReason::PassFragment, n)]);
+        assert_frame_eq(&reassemble(&out), &a.clone().with_source(dns).build());
+        // The entries: one per datagram and hook direction.
+        dp.assert_stats(&[
+            (StatReason::Packets, 6),
+            (StatReason::NewFlow, 1),
+            (StatReason::ReplyTranslated, 1),
+            (StatReason::FragmentTranslated, 4),
+            (StatReason::PassTranslated, 6),
+        ]);
+    });
+}
+
+#[test]
+fn c4_fragments_of_a_snat_flow_are_redirected_like_their_first() {
+    require_privileges!();
+    in_private_netns(|| {
+        let (up0, up0_mac) = uplink_netns(true);
+        let mut dp = Datapath::load();
+        dp.add_node_addr(NODE);
+        let mut s = ServiceEntry::cluster_ip(6, sa(VIP), PROTO_UDP, vec![be(61, BACKEND_2)]);
+        s.node_port = Some(30053);
+        dp.add_service(&s);
+        let fe = SocketAddrV4::new(NODE, 30053);
+        let mut q = udp(sa(EXTERNAL), fe).with_payload(&[9; 3000]);
+        q.frag = 0;
+        let mut out = Vec::new();
+        for g in fragments(&q.build(), 1480) {
+            let r = dp.run_on(UPLINK_INGRESS, &g, up0);
+            assert_eq!(r.ret, TC_ACT_REDIRECT);
+            assert_eq!(&r.out[..12], &[[2, 0, 0, 0, 2, 2], up0_mac].concat()[..]);
+            assert_eq!(r.out[off::IP_TTL], 63);
+            out.push(r.out);
+        }
+        let fwd = dp
+            .ct(&ct_key(sa(EXTERNAL), fe, PROTO_UDP, CT_DIR_FORWARD))
+            .unwrap();
+        let snat = SocketAddrV4::new(NODE, u16::from_be(fwd.snat_port));
+        let want = q
+            .clone()
+            .with_source(snat)
+            .with_destination(sa(BACKEND_2))
+            .with_ttl(63)
+            .with_macs([2, 0, 0, 0, 2, 2], up0_mac);
+        assert_frame_eq(&reassemble(&out), &want.build());
+        dp.assert_stats(&[
+            (StatReason::Packets, 3),
+            (StatReason::NewFlow, 1),
+            (StatReason::FragmentTranslated, 2),
+            (StatReason::Redirected, 3),
+        ]);
+    });
+}
+
+#[test]
+fn c4_the_rest_of_a_dropped_or_rejected_datagram_is_dropped() {
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        // No endpoint at all: the first fragment is rejected (E1).
+        dp.add_frontend(
+            exact_key(sa("10.96.0.10:53"), PROTO_UDP),
+            ServiceValue {
+                service_id: 9,
+                flags: service_flags::CLUSTER_IP,
+                ..ServiceValue::default()
+            },
+        );
+        let mut q = udp(sa(CLIENT), sa("10.96.0.10:53")).with_payload(&[1; 3000]);
+        q.frag = 0;
+        let frags = fragments(&q.build(), 1480);
+        let r = dp.run(POD_INGRESS, &frags[0]);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        for g in &frags[1..] {
+            let r = dp.run(POD_INGRESS, g);
+            assert_eq!(r.ret, TC_ACT_SHOT);
+        }
+        dp.assert_stats(&[
+            (StatReason::Packets, 3),
+            (StatReason::RejectNoEndpoint, 1),
+            (StatReason::DropFragmentNoFirst, 2),
+        ]);
     });
 }
 
@@ -711,7 +880,7 @@ fn ip_options_pass_unchanged() {
             for f in &frames {
                 assert_checksums(f);
                 let r = dp.run(prog, f);
-                assert_eq!(r.ret, TC_ACT_OK);
+                assert_eq!(r.ret, TC_ACT_UNSPEC);
                 assert_eq!(r.out, *f, "{prog} changed {}", hex(f));
                 n += 1;
             }
@@ -740,7 +909,7 @@ fn icmp_and_other_protocols_pass_unchanged() {
         for prog in program_names::ALL {
             for f in &frames {
                 let r = dp.run(prog, f);
-                assert_eq!(r.ret, TC_ACT_OK);
+                assert_eq!(r.ret, TC_ACT_UNSPEC);
                 assert_eq!(r.out, *f);
                 n += 1;
             }
@@ -760,12 +929,12 @@ fn reply_through_pod_egress_gets_the_frontend_source() {
         let mut dp = Datapath::load();
         web(&mut dp);
         let r = dp.run(POD_INGRESS, &tcp(sa(CLIENT), sa(VIP), TCP_SYN).build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
 
         let syn_ack = tcp(sa(BACKEND_1), sa(CLIENT), TCP_SYN | TCP_ACK);
         let t0 = boot_ns();
         let r = dp.run(POD_EGRESS, &syn_ack.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_frame_eq(&r.out, &syn_ack.clone().with_source(sa(VIP)).build());
 
         // Both entries learn that the backend answered.
@@ -792,12 +961,13 @@ fn reply_through_pod_egress_gets_the_frontend_source() {
         // is translated the same way.
         let data = tcp(sa(BACKEND_1), sa(CLIENT), TCP_ACK | TCP_PSH);
         let r = dp.run(UPLINK_EGRESS, &data.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_frame_eq(&r.out, &data.with_source(sa(VIP)).build());
         dp.assert_stats(&[
             (StatReason::Packets, 3),
             (StatReason::NewFlow, 1),
             (StatReason::ReplyTranslated, 2),
+            (StatReason::PassTranslated, 3),
         ]);
     });
 }
@@ -814,7 +984,7 @@ fn established_flow_keeps_its_backend_and_tracks_tcp_state() {
         let fkey = ct_key(sa(CLIENT), sa(VIP), PROTO_TCP, CT_DIR_FORWARD);
 
         let r = dp.run(POD_INGRESS, &tcp(sa(CLIENT), sa(VIP), TCP_SYN).build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         let chosen = backend_of(&mut dp, sa(CLIENT), sa(VIP), PROTO_TCP);
         assert_eq!(tuple(&r.out).dst, chosen);
         let rkey = ct_key(chosen, sa(CLIENT), PROTO_TCP, CT_DIR_REPLY);
@@ -827,7 +997,7 @@ fn established_flow_keeps_its_backend_and_tracks_tcp_state() {
         assert_eq!(tuple(&r.out).src, sa(VIP));
         let ack = tcp(sa(CLIENT), sa(VIP), TCP_ACK);
         let r = dp.run(POD_INGRESS, &ack.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_frame_eq(&r.out, &ack.clone().with_destination(chosen).build());
         let est = ct_flags::TCP_SYN | ct_flags::SEEN_REPLY | ct_flags::TCP_ESTABLISHED;
         assert_eq!(dp.ct(&fkey).unwrap().flags, est);
@@ -837,7 +1007,7 @@ fn established_flow_keeps_its_backend_and_tracks_tcp_state() {
         for _ in 0..50 {
             let data = tcp(sa(CLIENT), sa(VIP), TCP_ACK | TCP_PSH);
             let r = dp.run(POD_INGRESS, &data.build());
-            assert_eq!(r.ret, TC_ACT_OK);
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
             assert_frame_eq(&r.out, &data.with_destination(chosen).build());
         }
         // FIN from the client, RST from the backend: both entries see both.
@@ -858,6 +1028,7 @@ fn established_flow_keeps_its_backend_and_tracks_tcp_state() {
             (StatReason::NewFlow, 1),
             (StatReason::ForwardTranslated, 52),
             (StatReason::ReplyTranslated, 2),
+            (StatReason::PassTranslated, 55),
         ]);
     });
 }
@@ -889,7 +1060,7 @@ fn expired_conntrack_entry_is_a_new_flow() {
         let t0 = boot_ns();
         let syn = tcp(sa(CLIENT), sa(VIP), TCP_SYN);
         let r = dp.run(POD_INGRESS, &syn.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_frame_eq(&r.out, &syn.with_destination(sa(BACKEND_1)).build());
         assert_entry(
             &dp.ct(&fkey).unwrap(),
@@ -906,6 +1077,7 @@ fn expired_conntrack_entry_is_a_new_flow() {
             (StatReason::Packets, 1),
             (StatReason::ConntrackExpired, 1),
             (StatReason::NewFlow, 1),
+            (StatReason::PassTranslated, 1),
         ]);
     });
 }
@@ -947,16 +1119,25 @@ fn conntrack_lifetimes_come_from_lb_config() {
             );
             let q = udp(sa(CLIENT), sa(dns));
             let r = dp.run(POD_INGRESS, &q.build());
-            assert_eq!(r.ret, TC_ACT_OK);
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
             let to = if reused { old } else { new };
             assert_frame_eq(&r.out, &q.with_destination(sa(to)).build());
             if reused {
-                dp.assert_stats(&[(StatReason::Packets, 1), (StatReason::ForwardTranslated, 1)]);
+                // Only the FORWARD entry was written: its REPLY peer is
+                // re-created (C1).
+                dp.assert_stats(&[
+                    (StatReason::Packets, 1),
+                    (StatReason::ForwardTranslated, 1),
+                    (StatReason::ConntrackPeerMissing, 1),
+                    (StatReason::ConntrackRepaired, 1),
+                    (StatReason::PassTranslated, 1),
+                ]);
             } else {
                 dp.assert_stats(&[
                     (StatReason::Packets, 1),
                     (StatReason::ConntrackExpired, 1),
                     (StatReason::NewFlow, 1),
+                    (StatReason::PassTranslated, 1),
                 ]);
             }
         }
@@ -985,7 +1166,7 @@ fn e4_udp_flow_to_a_removed_backend_moves_at_once() {
         dp.set_slot(7, 0, 71);
         dp.remove_backend(70);
         let r = dp.run(POD_INGRESS, &q.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_frame_eq(&r.out, &q.clone().with_destination(sa(b)).build());
         assert_eq!(backend_of(&mut dp, sa(CLIENT), sa(dns), PROTO_UDP), sa(b));
         // And it stays there.
@@ -996,6 +1177,7 @@ fn e4_udp_flow_to_a_removed_backend_moves_at_once() {
             (StatReason::NewFlow, 2),
             (StatReason::FlowMoved, 1),
             (StatReason::ForwardTranslated, 1),
+            (StatReason::PassTranslated, 3),
         ]);
     });
 }
@@ -1022,6 +1204,7 @@ fn tcp_flow_keeps_its_backend_after_the_backend_is_removed() {
             (StatReason::Packets, 3),
             (StatReason::NewFlow, 2),
             (StatReason::ForwardTranslated, 1),
+            (StatReason::PassTranslated, 3),
         ]);
     });
 }
@@ -1041,15 +1224,17 @@ fn f4_nodeport_matches_only_node_addresses() {
         s.node_port = Some(30080);
         dp.add_service(&s);
 
-        // From a pod to this node's addresses at the NodePort.
-        for node in [NODE, Ipv4Addr::new(10, 244, 0, 1)] {
+        // From a pod to this node's addresses at the NodePort (from two
+        // client ports: one port to both would be a C2 tuple clash).
+        for (node, cport) in [(NODE, 40000), (Ipv4Addr::new(10, 244, 0, 1), 40001)] {
             let fe = SocketAddrV4::new(node, 30080);
-            let syn = tcp(sa(CLIENT), fe, TCP_SYN);
+            let client = SocketAddrV4::new(*sa(CLIENT).ip(), cport);
+            let syn = tcp(client, fe, TCP_SYN);
             let r = dp.run(POD_INGRESS, &syn.build());
-            assert_eq!(r.ret, TC_ACT_OK);
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
             assert_frame_eq(&r.out, &syn.with_destination(sa(BACKEND_1)).build());
             let fwd = dp
-                .ct(&ct_key(sa(CLIENT), fe, PROTO_TCP, CT_DIR_FORWARD))
+                .ct(&ct_key(client, fe, PROTO_TCP, CT_DIR_FORWARD))
                 .unwrap();
             assert_eq!(fwd.service_id, 3);
             assert_eq!(fwd.flags, ct_flags::TCP_SYN, "no SNAT from a pod");
@@ -1064,13 +1249,14 @@ fn f4_nodeport_matches_only_node_addresses() {
         ];
         for f in &misses {
             let r = dp.run(POD_INGRESS, f);
-            assert_eq!(r.ret, TC_ACT_OK);
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
             assert_eq!(r.out, *f);
         }
         dp.assert_stats(&[
             (StatReason::Packets, 6),
             (StatReason::NewFlow, 2),
             (StatReason::PassNotService, 4),
+            (StatReason::PassTranslated, 2),
         ]);
     });
 }
@@ -1122,6 +1308,7 @@ fn f9_tcp_and_udp_on_one_port_are_independent() {
             (StatReason::Packets, 4),
             (StatReason::NewFlow, 3),
             (StatReason::PassNotService, 1),
+            (StatReason::PassTranslated, 3),
         ]);
     });
 }
@@ -1147,7 +1334,7 @@ fn f3_new_flows_spread_over_backends() {
         for port in 40000..40060u16 {
             let c = SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 5), port);
             let r = dp.run(POD_INGRESS, &tcp(c, sa(VIP), TCP_SYN).build());
-            assert_eq!(r.ret, TC_ACT_OK);
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
             let to = tuple(&r.out).dst;
             assert!(addrs.contains(&to.to_string().as_str()), "{to}");
             assert_eq!(backend_of(&mut dp, c, sa(VIP), PROTO_TCP), to);
@@ -1155,7 +1342,11 @@ fn f3_new_flows_spread_over_backends() {
         }
         // P(fewer than 3 backends in 60 uniform draws) is about 3 * (2/3)^60.
         assert_eq!(seen.len(), 3, "{seen:?}");
-        dp.assert_stats(&[(StatReason::Packets, 60), (StatReason::NewFlow, 60)]);
+        dp.assert_stats(&[
+            (StatReason::Packets, 60),
+            (StatReason::NewFlow, 60),
+            (StatReason::PassTranslated, 60),
+        ]);
     });
 }
 
@@ -1229,7 +1420,7 @@ fn f8_session_affinity_reuses_the_backend() {
             let c = SocketAddrV4::new(client, 41000 + i as u16);
             let t0 = boot_ns();
             let r = dp.run(POD_INGRESS, &tcp(c, sa(VIP), TCP_SYN).build());
-            assert_eq!(r.ret, TC_ACT_OK);
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
             let to = tuple(&r.out).dst;
             assert_eq!(backend_of(&mut dp, c, sa(VIP), PROTO_TCP), to);
             let a = dp.affinity().get(&akey, 0).unwrap();
@@ -1245,6 +1436,7 @@ fn f8_session_affinity_reuses_the_backend() {
             (StatReason::Packets, 33),
             (StatReason::NewFlow, 33),
             (StatReason::AffinityStale, 1),
+            (StatReason::PassTranslated, 33),
         ]);
     });
 }
@@ -1320,6 +1512,7 @@ fn e5_internal_traffic_policy_local_uses_only_local_backends() {
             (StatReason::Packets, 21),
             (StatReason::NewFlow, 20),
             (StatReason::DropNoBackend, 1),
+            (StatReason::PassTranslated, 20),
         ]);
     });
 }
@@ -1353,7 +1546,7 @@ fn m3_external_traffic_policy_local_uses_local_set_from_outside_only() {
             let c = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), port);
             let syn = tcp(c, fe, TCP_SYN);
             let r = dp.run(UPLINK_INGRESS, &syn.build());
-            assert_eq!(r.ret, TC_ACT_OK);
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
             assert_frame_eq(
                 &r.out,
                 &syn.with_destination(sa("10.244.0.52:8080")).build(),
@@ -1367,7 +1560,11 @@ fn m3_external_traffic_policy_local_uses_local_set_from_outside_only() {
             seen.insert(tuple(&r.out).dst);
         }
         assert_eq!(seen.len(), 2, "{seen:?}");
-        dp.assert_stats(&[(StatReason::Packets, 60), (StatReason::NewFlow, 60)]);
+        dp.assert_stats(&[
+            (StatReason::Packets, 60),
+            (StatReason::NewFlow, 60),
+            (StatReason::PassTranslated, 60),
+        ]);
     });
 }
 
@@ -1386,7 +1583,7 @@ fn uplink_nodeport_to_local_backend_is_dnat_only_and_reply_leaves_via_uplink_egr
         let syn = tcp(sa(EXTERNAL), fe, TCP_SYN);
         let t0 = boot_ns();
         let r = dp.run(UPLINK_INGRESS, &syn.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_frame_eq(&r.out, &syn.with_destination(local).build());
         let rev = dp
             .ct(&ct_key(local, sa(EXTERNAL), PROTO_TCP, CT_DIR_REPLY))
@@ -1408,12 +1605,12 @@ fn uplink_nodeport_to_local_backend_is_dnat_only_and_reply_leaves_via_uplink_egr
         let r = dp.run(POD_INGRESS, &syn_ack.build());
         assert_eq!(r.out, syn_ack.build());
         let r = dp.run(UPLINK_EGRESS, &syn_ack.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_frame_eq(&r.out, &syn_ack.with_source(fe).build());
         // Next client packet: known flow, still no SNAT, no redirect.
         let ack = tcp(sa(EXTERNAL), fe, TCP_ACK);
         let r = dp.run(UPLINK_INGRESS, &ack.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_frame_eq(&r.out, &ack.with_destination(local).build());
         dp.assert_stats(&[
             (StatReason::Packets, 4),
@@ -1421,6 +1618,7 @@ fn uplink_nodeport_to_local_backend_is_dnat_only_and_reply_leaves_via_uplink_egr
             (StatReason::PassNotService, 1),
             (StatReason::ReplyTranslated, 1),
             (StatReason::ForwardTranslated, 1),
+            (StatReason::PassTranslated, 3),
         ]);
     });
 }
@@ -1492,10 +1690,11 @@ fn m2_uplink_nodeport_to_remote_backend_snats_and_drops_without_route() {
         let t0 = boot_ns();
         let r = dp.run(UPLINK_INGRESS, &tcp(sa(EXTERNAL), fe, TCP_SYN).build());
         assert_eq!(r.ret, TC_ACT_SHOT);
-        let port = assert_snat_entries(&mut dp, t0, &DatapathConfig::DEFAULT);
-        // The packet was translated before the lookup (TTL already lowered).
-        let want = tcp(SocketAddrV4::new(NODE, port), sa(BACKEND_2), TCP_SYN).with_ttl(63);
-        assert_frame_eq(&r.out, &want.build());
+        assert_snat_entries(&mut dp, t0, &DatapathConfig::DEFAULT);
+        // The packet is routed before it is translated (C3: so that what
+        // cannot be forwarded is answered about what the client sent): it
+        // is dropped as it came.
+        assert_eq!(r.out, tcp(sa(EXTERNAL), fe, TCP_SYN).build());
         dp.assert_stats(&[
             (StatReason::Packets, 1),
             (StatReason::NewFlow, 1),
@@ -1534,7 +1733,8 @@ fn m2_external_ip_to_remote_backend_snats_to_the_uplink_address() {
 
         dp.set_uplink_addr(lo, NODE);
         let r = dp.run_on(UPLINK_INGRESS, &syn, lo);
-        // No route in this namespace: dropped at the FIB, but translated.
+        // No route in this namespace: dropped at the FIB (before the
+        // translation), with the flow's entries made.
         assert_eq!(r.ret, TC_ACT_SHOT);
         let fwd = dp
             .ct(&ct_key(sa(EXTERNAL), ext_ip, PROTO_TCP, CT_DIR_FORWARD))
@@ -1554,8 +1754,7 @@ fn m2_external_ip_to_remote_backend_snats_to_the_uplink_address() {
             ))
             .expect("the reply entry is keyed by the uplink address");
         assert_eq!((rev.nat_addr, rev.nat_port), (net(*ext_ip.ip()), nport(80)));
-        let want = tcp(SocketAddrV4::new(NODE, port), sa(BACKEND_2), TCP_SYN).with_ttl(63);
-        assert_frame_eq(&r.out, &want.build());
+        assert_eq!(r.out, syn);
     });
 }
 
@@ -1741,7 +1940,7 @@ fn uplink_ingress_passes_replies_of_unsnated_flows() {
         dp.run(POD_INGRESS, &tcp(sa(CLIENT), sa(VIP), TCP_SYN).build());
         let syn_ack = tcp(sa(BACKEND_2), sa(CLIENT), TCP_SYN | TCP_ACK);
         let r = dp.run(UPLINK_INGRESS, &syn_ack.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_eq!(r.out, syn_ack.build());
         let r = dp.run(POD_EGRESS, &syn_ack.build());
         assert_frame_eq(&r.out, &syn_ack.with_source(sa(VIP)).build());
@@ -1750,27 +1949,48 @@ fn uplink_ingress_passes_replies_of_unsnated_flows() {
             (StatReason::NewFlow, 1),
             (StatReason::PassNotService, 1),
             (StatReason::ReplyTranslated, 1),
+            (StatReason::PassTranslated, 2),
         ]);
     });
 }
 
 #[test]
-fn ttl_one_is_not_redirected() {
+fn c3_ttl_one_on_a_packet_the_datapath_forwards_is_answered_with_time_exceeded() {
+    // As a router: a SNAT'ed packet with TTL 1 is not forwarded; its sender
+    // gets ICMP time exceeded from the node address the flow uses, quoting
+    // the packet as it was sent (untranslated).
     require_privileges!();
     in_private_netns(|| {
         let (up0, _) = uplink_netns(true);
         let mut dp = Datapath::load();
         remote_nodeport(&mut dp);
         let fe = SocketAddrV4::new(NODE, 30080);
-        let r = dp.run_on(
-            UPLINK_INGRESS,
-            &tcp(sa(EXTERNAL), fe, TCP_SYN).with_ttl(1).build(),
-            up0,
-        );
+        let syn = tcp(sa(EXTERNAL), fe, TCP_SYN).with_ttl(1).build();
+        let r = dp.run_on(UPLINK_INGRESS, &syn, up0);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        let mut want = Ipv4Frame {
+            l4: packet::L4::IcmpError {
+                icmp_type: 11,
+                code: 0,
+                rest: [0; 4],
+                quote: syn[off::IP..off::L4 + 8].to_vec(),
+            },
+            ..icmp_port_unreachable(NODE, *sa(EXTERNAL).ip(), &[])
+        }
+        .with_macs(MAC_A, MAC_B);
+        want.id = 0;
+        want.frag = 0x4000;
+        want.ttl = 64;
+        want.tos = 0xc0;
+        assert_frame_eq(&r.out, &want.build());
+        // A source that cannot be answered (broadcast): dropped.
+        let bcast = tcp(sa("255.255.255.255:51000"), fe, TCP_SYN).with_ttl(1);
+        let r = dp.run_on(UPLINK_INGRESS, &bcast.build(), up0);
         assert_eq!(r.ret, TC_ACT_SHOT);
         dp.assert_stats(&[
-            (StatReason::Packets, 1),
-            (StatReason::NewFlow, 1),
+            (StatReason::Packets, 2),
+            (StatReason::NewFlow, 2),
+            (StatReason::IcmpTimeExceededSent, 1),
             (StatReason::DropFibFailed, 1),
         ]);
     });
@@ -1786,7 +2006,7 @@ fn ttl_is_not_touched_when_the_stack_forwards() {
         web(&mut dp);
         let syn = tcp(sa(CLIENT), sa(VIP), TCP_SYN).with_ttl(1);
         let r = dp.run(POD_INGRESS, &syn.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_eq!(tuple(&r.out).ttl, 1);
         assert_frame_eq(&r.out, &syn.with_destination(sa(BACKEND_1)).build());
         assert_eq!(
@@ -2117,12 +2337,13 @@ fn e2_local_policies_without_a_local_endpoint_drop_instead_of_rejecting() {
         // A pod reaching the NodePort uses the cluster set (M3).
         let syn = tcp(sa(CLIENT), np, TCP_SYN);
         let r = dp.run(POD_INGRESS, &syn.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_frame_eq(&r.out, &syn.with_destination(sa(BACKEND_2)).build());
         dp.assert_stats(&[
             (StatReason::Packets, 5),
             (StatReason::DropNoBackend, 4),
             (StatReason::NewFlow, 1),
+            (StatReason::PassTranslated, 1),
         ]);
     });
 }
@@ -2182,7 +2403,7 @@ fn f7_source_ranges_filter_new_flows_to_lb_ips_only() {
             let r = dp.run(prog, &syn.build());
             let fwd = dp.ct(&ct_key(client, fe, PROTO_TCP, CT_DIR_FORWARD));
             if allowed {
-                assert_eq!(r.ret, TC_ACT_OK, "{prog} {client} -> {fe}");
+                assert_eq!(r.ret, TC_ACT_UNSPEC, "{prog} {client} -> {fe}");
                 assert_frame_eq(&r.out, &syn.with_destination(backend).build());
                 assert!(fwd.is_some());
             } else {
@@ -2198,7 +2419,7 @@ fn f7_source_ranges_filter_new_flows_to_lb_ips_only() {
         dp.remove_source_range(8, Ipv4Addr::new(198, 51, 100, 0), 24);
         let ack = tcp(sa(EXTERNAL), sa(LB_IP), TCP_ACK);
         let r = dp.run(UPLINK_INGRESS, &ack.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_frame_eq(&r.out, &ack.with_destination(backend).build());
         let again = SocketAddrV4::new(*sa(EXTERNAL).ip(), 51001);
         let r = dp.run(UPLINK_INGRESS, &tcp(again, sa(LB_IP), TCP_SYN).build());
@@ -2211,13 +2432,14 @@ fn f7_source_ranges_filter_new_flows_to_lb_ips_only() {
         dp.add_service(&open);
         let syn = tcp(outsider, sa(LB_IP), TCP_SYN);
         let r = dp.run(UPLINK_INGRESS, &syn.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_frame_eq(&r.out, &syn.with_destination(backend).build());
         dp.assert_stats(&[
             (StatReason::Packets, 11),
             (StatReason::NewFlow, 7),
             (StatReason::ForwardTranslated, 1),
             (StatReason::DropSourceRange, 3),
+            (StatReason::PassTranslated, 8),
         ]);
     });
 }
@@ -2314,7 +2536,7 @@ fn c6_affinity_is_used_only_while_its_backend_serves_the_port() {
             let c = SocketAddrV4::new(client, 42000 + i as u16);
             let t0 = boot_ns();
             let r = dp.run(POD_INGRESS, &tcp(c, sa(VIP), TCP_SYN).build());
-            assert_eq!(r.ret, TC_ACT_OK);
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
             let to = tuple(&r.out).dst;
             let a = dp.affinity().get(&akey, 0).unwrap();
             assert!(a.last_used_ns >= t0, "affinity entry not refreshed");
@@ -2340,6 +2562,7 @@ fn c6_affinity_is_used_only_while_its_backend_serves_the_port() {
             (StatReason::Packets, cases.len() as u64),
             (StatReason::NewFlow, cases.len() as u64),
             (StatReason::AffinityStale, stale),
+            (StatReason::PassTranslated, 6),
         ]);
     });
 }
@@ -2378,7 +2601,7 @@ fn c6_affinity_checks_the_set_in_use() {
                 )
                 .unwrap();
             let r = dp.run(prog, &tcp(client, np, TCP_SYN).build());
-            assert_eq!(r.ret, TC_ACT_OK);
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
             let (to, id) = if stale {
                 (sa("10.244.0.52:8080"), 52)
             } else {
@@ -2391,6 +2614,7 @@ fn c6_affinity_checks_the_set_in_use() {
             (StatReason::Packets, 2),
             (StatReason::NewFlow, 2),
             (StatReason::AffinityStale, 1),
+            (StatReason::PassTranslated, 2),
         ]);
     });
 }
@@ -2484,7 +2708,7 @@ fn e4_udp_flow_moves_when_its_backend_leaves_the_port() {
             dp.set_slot(7, 0, 71);
             change(&mut dp);
             let r = dp.run(POD_INGRESS, &q.build());
-            assert_eq!(r.ret, TC_ACT_OK);
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
             let to = if moves { b } else { a };
             assert_frame_eq(&r.out, &q.clone().with_destination(to).build());
             assert_eq!(
@@ -2499,6 +2723,7 @@ fn e4_udp_flow_moves_when_its_backend_leaves_the_port() {
                 (StatReason::Packets, 4),
                 (StatReason::NewFlow, 2),
                 (StatReason::ForwardTranslated, 1),
+                (StatReason::PassTranslated, 4),
             ];
             if moves {
                 want.push((StatReason::FlowMoved, 1));
@@ -2651,7 +2876,7 @@ fn m2_nodeport_etp_cluster_to_a_local_backend_is_snated_and_redirected_to_the_po
 
         // On its way to the pod it crosses the pod's TC egress: untouched.
         let r = dp.run_on(POD_EGRESS, &to_pod.build(), n.vpod0);
-        assert_eq!((r.ret, &r.out), (TC_ACT_OK, &to_pod.build()));
+        assert_eq!((r.ret, &r.out), (TC_ACT_UNSPEC, &to_pod.build()));
 
         // The pod answers the node address; its interface's TC ingress
         // reverses both translations and sends the reply out of the uplink.
@@ -2664,7 +2889,7 @@ fn m2_nodeport_etp_cluster_to_a_local_backend_is_snated_and_redirected_to_the_po
         assert_frame_eq(&r.out, &out.build());
         // Leaving the uplink (TC egress): untouched.
         let r = dp.run_on(UPLINK_EGRESS, &out.build(), n.up0);
-        assert_eq!((r.ret, &r.out), (TC_ACT_OK, &out.build()));
+        assert_eq!((r.ret, &r.out), (TC_ACT_UNSPEC, &out.build()));
 
         // The client's ACK: known flow, same SNAT, to the pod again.
         let ack = tcp(sa(EXTERNAL), fe, TCP_ACK).with_macs(n.up0_mac, GW_MAC);
@@ -2784,7 +3009,7 @@ fn m3_etp_local_keeps_the_client_address_and_passes_to_the_stack() {
         let fe = SocketAddrV4::new(NODE, 30080);
         let syn = tcp(sa(EXTERNAL), fe, TCP_SYN);
         let r = dp.run_on(UPLINK_INGRESS, &syn.build(), n.up0);
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_frame_eq(
             &r.out,
             &syn.with_destination(sa("10.244.0.52:8080")).build(),
@@ -2793,7 +3018,11 @@ fn m3_etp_local_keeps_the_client_address_and_passes_to_the_stack() {
             .ct(&ct_key(sa(EXTERNAL), fe, PROTO_TCP, CT_DIR_FORWARD))
             .unwrap();
         assert_eq!(fwd.flags & ct_flags::SNAT, 0);
-        dp.assert_stats(&[(StatReason::Packets, 1), (StatReason::NewFlow, 1)]);
+        dp.assert_stats(&[
+            (StatReason::Packets, 1),
+            (StatReason::NewFlow, 1),
+            (StatReason::PassTranslated, 1),
+        ]);
     });
 }
 
@@ -2849,9 +3078,13 @@ fn m1_cluster_ip_from_outside_the_cluster_cidr_is_snated() {
                     (StatReason::Redirected, 1),
                 ]);
             } else {
-                assert_eq!(r.ret, TC_ACT_OK);
+                assert_eq!(r.ret, TC_ACT_UNSPEC);
                 assert_frame_eq(&r.out, &syn.with_destination(sa(LOCAL_BACKEND)).build());
-                dp.assert_stats(&[(StatReason::Packets, 1), (StatReason::NewFlow, 1)]);
+                dp.assert_stats(&[
+                    (StatReason::Packets, 1),
+                    (StatReason::NewFlow, 1),
+                    (StatReason::PassTranslated, 1),
+                ]);
             }
         }
         // A remote backend is SNAT'ed from inside the CIDR too (as before:
@@ -2918,7 +3151,7 @@ fn m4_pod_reaching_itself_through_its_service_is_hairpinned() {
             assert_frame_eq(&r.out, &back.build());
             // Delivered through the pod's TC egress: untouched.
             let r = dp.run_on(POD_EGRESS, &back.build(), veth);
-            assert_eq!((r.ret, &r.out), (TC_ACT_OK, &back.build()));
+            assert_eq!((r.ret, &r.out), (TC_ACT_UNSPEC, &back.build()));
 
             // The pod answers the hairpin address (through its gateway);
             // the answer comes back from the ClusterIP.
@@ -2990,13 +3223,14 @@ fn m4_hairpin_udp_and_other_pods_are_not_hairpinned() {
         let other = sa("10.244.0.6:40000");
         let q = udp(other, dns);
         let r = dp.run(POD_INGRESS, &q.build());
-        assert_eq!(r.ret, TC_ACT_OK);
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
         assert_frame_eq(&r.out, &q.with_destination(me).build());
         dp.assert_stats(&[
             (StatReason::Packets, 3),
             (StatReason::NewFlow, 2),
             (StatReason::ReplyTranslated, 1),
             (StatReason::Redirected, 2),
+            (StatReason::PassTranslated, 1),
         ]);
     });
 }
@@ -3034,10 +3268,1013 @@ fn snat_reply_lookup_happens_only_for_ports_in_the_snat_range() {
         ] {
             for prog in [POD_INGRESS, UPLINK_INGRESS] {
                 let r = dp.run(prog, &f);
-                assert_eq!((r.ret, &r.out), (TC_ACT_OK, &f), "{prog}");
+                assert_eq!((r.ret, &r.out), (TC_ACT_UNSPEC, &f), "{prog}");
                 n += 1;
             }
         }
         dp.assert_stats(&[(StatReason::Packets, n), (StatReason::PassNotService, n)]);
+    });
+}
+
+// ---------------------------------------------------------------------------
+// C1: one flow, one lifetime (both directions live, die and are repaired
+// together)
+// ---------------------------------------------------------------------------
+
+/// A UDP flow CLIENT -> 10.96.0.10:53 -> 10.244.3.3:5353 after its first
+/// query; returns (forward key, reply key).
+fn dns_flow(dp: &mut Datapath) -> (ConntrackKey, ConntrackKey) {
+    let dns = sa("10.96.0.10:53");
+    dp.add_service(&ServiceEntry::cluster_ip(
+        7,
+        dns,
+        PROTO_UDP,
+        vec![be(70, "10.244.3.3:5353")],
+    ));
+    let r = dp.run(POD_INGRESS, &udp(sa(CLIENT), dns).build());
+    assert_eq!(r.ret, TC_ACT_UNSPEC);
+    (
+        ct_key(sa(CLIENT), dns, PROTO_UDP, CT_DIR_FORWARD),
+        ct_key(sa("10.244.3.3:5353"), sa(CLIENT), PROTO_UDP, CT_DIR_REPLY),
+    )
+}
+
+/// Sets the `last_seen_ns` of the entry under `key`.
+fn age(dp: &mut Datapath, key: ConntrackKey, last_seen_ns: u64) {
+    let mut e = dp.ct(&key).expect("entry to age");
+    e.last_seen_ns = last_seen_ns;
+    dp.ct_insert(key, e);
+}
+
+#[test]
+fn c1_replies_refresh_both_directions_and_keep_the_flow_alive() {
+    // One query, then only answers (a backend streaming to a client that
+    // sent once): every answer refreshes the FORWARD entry too, and a
+    // FORWARD entry that is idle while its REPLY entry is not is alive.
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load_with(DatapathConfig {
+            ct_udp_ns: 5_000_000_000,
+            ..DatapathConfig::DEFAULT
+        });
+        let (fkey, rkey) = dns_flow(&mut dp);
+        let long_ago = boot_ns() - 60_000_000_000;
+        age(&mut dp, fkey, long_ago);
+        age(&mut dp, rkey, long_ago);
+        let answer = udp(sa("10.244.3.3:5353"), sa(CLIENT));
+        let t0 = boot_ns();
+        let r = dp.run(POD_EGRESS, &answer.build());
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
+        assert_frame_eq(&r.out, &answer.with_source(sa("10.96.0.10:53")).build());
+        for k in [fkey, rkey] {
+            let e = dp.ct(&k).unwrap();
+            assert!(e.last_seen_ns >= t0, "{k:?} not refreshed by the reply");
+            assert_eq!(e.flags, ct_flags::SEEN_REPLY);
+        }
+        // The FORWARD entry idle past the UDP lifetime, its REPLY entry
+        // fresh: the flow is alive, the client's next query keeps its
+        // backend (no re-creation).
+        age(&mut dp, fkey, long_ago);
+        let q = udp(sa(CLIENT), sa("10.96.0.10:53"));
+        let r = dp.run(POD_INGRESS, &q.build());
+        assert_frame_eq(&r.out, &q.with_destination(sa("10.244.3.3:5353")).build());
+        assert!(dp.ct(&fkey).unwrap().last_seen_ns >= t0);
+        assert_eq!(dp.ct_all().len(), 2);
+        dp.assert_stats(&[
+            (StatReason::Packets, 3),
+            (StatReason::NewFlow, 1),
+            (StatReason::ReplyTranslated, 1),
+            (StatReason::ForwardTranslated, 1),
+            (StatReason::PassTranslated, 3),
+        ]);
+    });
+}
+
+#[test]
+fn c1_a_flow_expires_only_when_both_directions_are_idle() {
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load_with(DatapathConfig {
+            ct_udp_ns: 5_000_000_000,
+            ..DatapathConfig::DEFAULT
+        });
+        let (fkey, rkey) = dns_flow(&mut dp);
+        let long_ago = boot_ns() - 60_000_000_000;
+        age(&mut dp, fkey, long_ago);
+        age(&mut dp, rkey, long_ago);
+        // Both idle: the next query is a new flow (same key, re-created).
+        let q = udp(sa(CLIENT), sa("10.96.0.10:53"));
+        let t0 = boot_ns();
+        let r = dp.run(POD_INGRESS, &q.build());
+        assert_frame_eq(&r.out, &q.with_destination(sa("10.244.3.3:5353")).build());
+        for k in [fkey, rkey] {
+            assert!(dp.ct(&k).unwrap().last_seen_ns >= t0);
+        }
+        assert_eq!(dp.ct_all().len(), 2);
+        dp.assert_stats(&[
+            (StatReason::Packets, 2),
+            (StatReason::NewFlow, 2),
+            (StatReason::ConntrackExpired, 1),
+            (StatReason::PassTranslated, 2),
+        ]);
+    });
+}
+
+#[test]
+fn c1_a_tcp_flow_idle_past_the_transient_timeout_lives_when_established() {
+    // Established: the long lifetime applies, read from both entries'
+    // state; a flow that never completed its handshake gets the short one.
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load_with(DatapathConfig {
+            ct_tcp_transient_ns: 5_000_000_000,
+            ..DatapathConfig::DEFAULT
+        });
+        web(&mut dp);
+        let fkey = ct_key(sa(CLIENT), sa(VIP), PROTO_TCP, CT_DIR_FORWARD);
+        let rkey = ct_key(sa(BACKEND_1), sa(CLIENT), PROTO_TCP, CT_DIR_REPLY);
+        dp.run(POD_INGRESS, &tcp(sa(CLIENT), sa(VIP), TCP_SYN).build());
+        dp.run(
+            POD_EGRESS,
+            &tcp(sa(BACKEND_1), sa(CLIENT), TCP_SYN | TCP_ACK).build(),
+        );
+        dp.run(POD_INGRESS, &tcp(sa(CLIENT), sa(VIP), TCP_ACK).build());
+        let est = ct_flags::TCP_SYN | ct_flags::SEEN_REPLY | ct_flags::TCP_ESTABLISHED;
+        assert_eq!(dp.ct(&fkey).unwrap().flags, est);
+        assert_eq!(dp.ct(&rkey).unwrap().flags, est);
+        let idle = boot_ns() - 20_000_000_000; // 20 s: > transient, < established
+        age(&mut dp, fkey, idle);
+        age(&mut dp, rkey, idle);
+        let data = tcp(sa(CLIENT), sa(VIP), TCP_ACK | TCP_PSH);
+        let r = dp.run(POD_INGRESS, &data.build());
+        assert_frame_eq(&r.out, &data.with_destination(sa(BACKEND_1)).build());
+        // A half-open one (SYN only) idle as long is over.
+        let other = sa("10.244.0.5:40001");
+        dp.run(POD_INGRESS, &tcp(other, sa(VIP), TCP_SYN).build());
+        let okey = ct_key(other, sa(VIP), PROTO_TCP, CT_DIR_FORWARD);
+        age(&mut dp, okey, idle);
+        age(
+            &mut dp,
+            ct_key(sa(BACKEND_1), other, PROTO_TCP, CT_DIR_REPLY),
+            idle,
+        );
+        dp.run(POD_INGRESS, &tcp(other, sa(VIP), TCP_SYN).build());
+        dp.assert_stats(&[
+            (StatReason::Packets, 6),
+            (StatReason::NewFlow, 3),
+            (StatReason::ForwardTranslated, 2),
+            (StatReason::ReplyTranslated, 1),
+            (StatReason::ConntrackExpired, 1),
+            (StatReason::PassTranslated, 6),
+        ]);
+    });
+}
+
+#[test]
+fn c1_a_lost_reply_entry_is_repaired_by_the_next_forward_packet() {
+    // LRU pressure (or the GC) took one direction: the next packet in the
+    // other direction re-creates it exactly, and the flow goes on.
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        let (fkey, rkey) = dns_flow(&mut dp);
+        let want = dp.ct(&rkey).unwrap();
+        dp.conntrack().remove(&rkey).unwrap();
+        let q = udp(sa(CLIENT), sa("10.96.0.10:53"));
+        let t0 = boot_ns();
+        let r = dp.run(POD_INGRESS, &q.build());
+        assert_frame_eq(
+            &r.out,
+            &q.clone().with_destination(sa("10.244.3.3:5353")).build(),
+        );
+        let repaired = dp.ct(&rkey).expect("the REPLY entry is back");
+        assert_eq!(
+            ConntrackEntry {
+                last_seen_ns: 0,
+                ..repaired
+            },
+            ConntrackEntry {
+                last_seen_ns: 0,
+                ..want
+            }
+        );
+        assert!(repaired.last_seen_ns >= t0);
+        // The answer is translated again.
+        let answer = udp(sa("10.244.3.3:5353"), sa(CLIENT));
+        let r = dp.run(POD_EGRESS, &answer.build());
+        assert_frame_eq(&r.out, &answer.with_source(sa("10.96.0.10:53")).build());
+
+        // The other way round: the FORWARD entry lost, an answer repairs it.
+        let want = dp.ct(&fkey).unwrap();
+        dp.conntrack().remove(&fkey).unwrap();
+        let answer = udp(sa("10.244.3.3:5353"), sa(CLIENT));
+        let r = dp.run(POD_EGRESS, &answer.build());
+        assert_frame_eq(&r.out, &answer.with_source(sa("10.96.0.10:53")).build());
+        let repaired = dp.ct(&fkey).expect("the FORWARD entry is back");
+        assert_eq!(
+            ConntrackEntry {
+                last_seen_ns: 0,
+                ..repaired
+            },
+            ConntrackEntry {
+                last_seen_ns: 0,
+                ..want
+            }
+        );
+        // The next query uses it (no new flow).
+        let r = dp.run(POD_INGRESS, &q.build());
+        assert_frame_eq(&r.out, &q.with_destination(sa("10.244.3.3:5353")).build());
+        assert_eq!(dp.ct_all().len(), 2);
+        dp.assert_stats(&[
+            (StatReason::Packets, 5),
+            (StatReason::NewFlow, 1),
+            (StatReason::ForwardTranslated, 2),
+            (StatReason::ReplyTranslated, 2),
+            (StatReason::ConntrackPeerMissing, 2),
+            (StatReason::ConntrackRepaired, 2),
+            (StatReason::PassTranslated, 5),
+        ]);
+    });
+}
+
+#[test]
+fn c1_a_lost_half_of_a_snat_flow_is_repaired_on_the_uplink() {
+    require_privileges!();
+    in_private_netns(|| {
+        let (up0, up0_mac) = uplink_netns(true);
+        let mut dp = Datapath::load();
+        remote_nodeport(&mut dp);
+        let fe = SocketAddrV4::new(NODE, 30080);
+        let t0 = boot_ns();
+        let r = dp.run_on(UPLINK_INGRESS, &tcp(sa(EXTERNAL), fe, TCP_SYN).build(), up0);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        let port = assert_snat_entries(&mut dp, t0, &DatapathConfig::DEFAULT);
+        let snat = SocketAddrV4::new(NODE, port);
+        let fkey = ct_key(sa(EXTERNAL), fe, PROTO_TCP, CT_DIR_FORWARD);
+        let rkey = ct_key(sa(BACKEND_2), snat, PROTO_TCP, CT_DIR_REPLY);
+        let (f0, r0) = (dp.ct(&fkey).unwrap(), dp.ct(&rkey).unwrap());
+
+        // The REPLY entry lost: the client's next segment re-creates it.
+        dp.conntrack().remove(&rkey).unwrap();
+        let r = dp.run_on(UPLINK_INGRESS, &tcp(sa(EXTERNAL), fe, TCP_SYN).build(), up0);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        assert_eq!(tuple(&r.out).src, snat, "same SNAT port");
+        assert_eq!(
+            (
+                dp.ct(&rkey).unwrap().nat_addr,
+                dp.ct(&rkey).unwrap().snat_port
+            ),
+            (r0.nat_addr, r0.snat_port)
+        );
+        // The FORWARD entry lost: the backend's answer re-creates it and is
+        // translated back to the client.
+        dp.conntrack().remove(&fkey).unwrap();
+        let syn_ack =
+            tcp(sa(BACKEND_2), snat, TCP_SYN | TCP_ACK).with_macs(up0_mac, [2, 0, 0, 0, 2, 2]);
+        let r = dp.run_on(UPLINK_INGRESS, &syn_ack.build(), up0);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        let want = tcp(fe, sa(EXTERNAL), TCP_SYN | TCP_ACK)
+            .with_ttl(63)
+            .with_macs([2, 0, 0, 0, 2, 3], up0_mac);
+        assert_frame_eq(&r.out, &want.build());
+        let f1 = dp.ct(&fkey).expect("FORWARD entry re-created");
+        assert_eq!(
+            (
+                f1.nat_addr,
+                f1.nat_port,
+                f1.snat_addr,
+                f1.snat_port,
+                f1.backend_id
+            ),
+            (
+                f0.nat_addr,
+                f0.nat_port,
+                f0.snat_addr,
+                f0.snat_port,
+                f0.backend_id
+            )
+        );
+        assert_eq!(
+            f1.flags,
+            ct_flags::SNAT | ct_flags::TCP_SYN | ct_flags::SEEN_REPLY
+        );
+        assert_eq!(dp.ct_all().len(), 2);
+        dp.assert_stats(&[
+            (StatReason::Packets, 3),
+            (StatReason::NewFlow, 1),
+            (StatReason::ForwardTranslated, 1),
+            (StatReason::ReplyTranslated, 1),
+            (StatReason::ConntrackPeerMissing, 2),
+            (StatReason::ConntrackRepaired, 2),
+            (StatReason::Redirected, 3),
+        ]);
+    });
+}
+
+// ---------------------------------------------------------------------------
+// C2: tuple clashes
+// ---------------------------------------------------------------------------
+
+/// Two service ports (ClusterIPs VIP_A and VIP_B) whose only backend is the
+/// same endpoint.
+const VIP_A: &str = "10.96.0.21:80";
+const VIP_B: &str = "10.96.0.22:80";
+
+fn two_frontends_one_backend(dp: &mut Datapath, proto: u8) {
+    dp.add_service(&ServiceEntry::cluster_ip(
+        21,
+        sa(VIP_A),
+        proto,
+        vec![be(210, BACKEND_1)],
+    ));
+    dp.add_service(&ServiceEntry::cluster_ip(
+        22,
+        sa(VIP_B),
+        proto,
+        vec![be(220, BACKEND_1)],
+    ));
+}
+
+fn frame(proto: u8, src: SocketAddrV4, dst: SocketAddrV4) -> Ipv4Frame {
+    if proto == PROTO_TCP {
+        tcp(src, dst, TCP_ACK | TCP_PSH)
+    } else {
+        udp(src, dst)
+    }
+}
+
+#[test]
+fn c2_one_client_port_to_two_frontends_of_one_backend_remaps_the_second() {
+    require_privileges!();
+    in_private_netns(|| {
+        for proto in [PROTO_TCP, PROTO_UDP] {
+            let mut dp = Datapath::load();
+            two_frontends_one_backend(&mut dp, proto);
+            let cfg = DatapathConfig::DEFAULT;
+            // The first flow: plain DNAT.
+            let a = frame(proto, sa(CLIENT), sa(VIP_A));
+            let r = dp.run(POD_INGRESS, &a.build());
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
+            assert_frame_eq(&r.out, &a.clone().with_destination(sa(BACKEND_1)).build());
+            // The second: its reply tuple (backend -> client:40000) is the
+            // first's: the client's source port is remapped, its address
+            // kept (the backend still sees the pod).
+            let b = frame(proto, sa(CLIENT), sa(VIP_B));
+            let t0 = boot_ns();
+            let r = dp.run(POD_INGRESS, &b.build());
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
+            let out = tuple(&r.out);
+            let port = out.src.port();
+            assert_eq!(*out.src.ip(), *sa(CLIENT).ip());
+            assert!(
+                (cfg.snat_port_min..=cfg.snat_port_max).contains(&port),
+                "{port}"
+            );
+            let remapped = SocketAddrV4::new(*sa(CLIENT).ip(), port);
+            assert_frame_eq(
+                &r.out,
+                &b.clone()
+                    .with_source(remapped)
+                    .with_destination(sa(BACKEND_1))
+                    .build(),
+            );
+            let bits = ct_flags::SNAT | ct_flags::PORT_REMAP;
+            assert_entry(
+                &dp.ct(&ct_key(sa(CLIENT), sa(VIP_B), proto, CT_DIR_FORWARD))
+                    .unwrap(),
+                &Ct {
+                    nat: sa(BACKEND_1),
+                    snat: Some(remapped),
+                    backend_id: 220,
+                    service_id: 22,
+                    flags: bits,
+                },
+                t0,
+            );
+            assert_entry(
+                &dp.ct(&ct_key(sa(BACKEND_1), remapped, proto, CT_DIR_REPLY))
+                    .unwrap(),
+                &Ct {
+                    nat: sa(VIP_B),
+                    snat: Some(sa(CLIENT)),
+                    backend_id: 220,
+                    service_id: 22,
+                    flags: bits,
+                },
+                t0,
+            );
+            // The first flow's REPLY entry is untouched.
+            let ra = dp
+                .ct(&ct_key(sa(BACKEND_1), sa(CLIENT), proto, CT_DIR_REPLY))
+                .unwrap();
+            assert_eq!((ra.nat_addr, ra.service_id), (net(*sa(VIP_A).ip()), 21));
+
+            // Replies: each from its own frontend, to the client's own port.
+            let reply_a = frame(proto, sa(BACKEND_1), sa(CLIENT));
+            let r = dp.run(POD_EGRESS, &reply_a.build());
+            assert_frame_eq(&r.out, &reply_a.with_source(sa(VIP_A)).build());
+            let reply_b = frame(proto, sa(BACKEND_1), remapped);
+            // On its way it crosses the backend's ingress (a port of the
+            // SNAT range): not answered there.
+            let r = dp.run(POD_INGRESS, &reply_b.build());
+            assert_eq!((r.ret, &r.out), (TC_ACT_UNSPEC, &reply_b.build()));
+            let r = dp.run(POD_EGRESS, &reply_b.build());
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
+            assert_frame_eq(
+                &r.out,
+                &reply_b
+                    .with_source(sa(VIP_B))
+                    .with_destination(sa(CLIENT))
+                    .build(),
+            );
+            // The next packet of the second flow: the same remap.
+            let r = dp.run(POD_INGRESS, &b.build());
+            assert_frame_eq(
+                &r.out,
+                &b.with_source(remapped)
+                    .with_destination(sa(BACKEND_1))
+                    .build(),
+            );
+            assert_eq!(dp.ct_all().len(), 4);
+            dp.assert_stats(&[
+                (StatReason::Packets, 6),
+                (StatReason::NewFlow, 2),
+                (StatReason::PortRemapped, 1),
+                (StatReason::ReplyTranslated, 2),
+                (StatReason::ForwardTranslated, 1),
+                (StatReason::PassNotService, 1),
+                (StatReason::PassTranslated, 5),
+            ]);
+        }
+    });
+}
+
+#[test]
+fn c2_one_client_port_to_a_frontend_and_to_its_backend_directly() {
+    // The pod reaches the backend through the ClusterIP and directly from
+    // the same source port (Linux allows it: two different 4-tuples). The
+    // direct flow's replies would match the translated flow's REPLY key and
+    // leave with the ClusterIP as source: instead its source port is
+    // remapped (as netfilter does), and both keep working.
+    require_privileges!();
+    in_private_netns(|| {
+        for proto in [PROTO_TCP, PROTO_UDP] {
+            let mut dp = Datapath::load();
+            dp.add_service(&ServiceEntry::cluster_ip(
+                1,
+                sa(VIP),
+                proto,
+                vec![be(11, BACKEND_1)],
+            ));
+            let open = |s, d| {
+                if proto == PROTO_TCP {
+                    tcp(s, d, TCP_SYN)
+                } else {
+                    udp(s, d)
+                }
+            };
+            let r = dp.run(POD_INGRESS, &open(sa(CLIENT), sa(VIP)).build());
+            assert_eq!(tuple(&r.out).dst, sa(BACKEND_1));
+            // The direct flow's first packet.
+            let direct = open(sa(CLIENT), sa(BACKEND_1));
+            let r = dp.run(POD_INGRESS, &direct.build());
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
+            let port = tuple(&r.out).src.port();
+            assert_ne!(port, sa(CLIENT).port());
+            let remapped = SocketAddrV4::new(*sa(CLIENT).ip(), port);
+            assert_frame_eq(&r.out, &direct.clone().with_source(remapped).build());
+            let f = dp
+                .ct(&ct_key(sa(CLIENT), sa(BACKEND_1), proto, CT_DIR_FORWARD))
+                .unwrap();
+            assert_eq!((f.backend_id, f.service_id), (0, 0), "no service");
+            // Its reply comes back to its own port, from the backend.
+            let reply = frame(proto, sa(BACKEND_1), remapped);
+            let r = dp.run(POD_EGRESS, &reply.build());
+            assert_frame_eq(&r.out, &reply.with_destination(sa(CLIENT)).build());
+            // The translated flow's reply is still the ClusterIP's.
+            let reply = frame(proto, sa(BACKEND_1), sa(CLIENT));
+            let r = dp.run(POD_EGRESS, &reply.build());
+            assert_frame_eq(&r.out, &reply.with_source(sa(VIP)).build());
+            // Later packets of the direct flow keep the remap.
+            let data = frame(proto, sa(CLIENT), sa(BACKEND_1));
+            let r = dp.run(POD_INGRESS, &data.build());
+            assert_frame_eq(&r.out, &data.with_source(remapped).build());
+            // Direct traffic that clashes with nothing is untouched and
+            // untracked.
+            let other = open(sa("10.244.0.5:40001"), sa(BACKEND_1)).build();
+            let r = dp.run(POD_INGRESS, &other);
+            assert_eq!((r.ret, &r.out), (TC_ACT_UNSPEC, &other));
+            assert_eq!(dp.ct_all().len(), 4);
+            dp.assert_stats(&[
+                (StatReason::Packets, 6),
+                (StatReason::NewFlow, 1),
+                (StatReason::PortRemapped, 1),
+                (StatReason::ForwardTranslated, 2),
+                (StatReason::ReplyTranslated, 2),
+                (StatReason::PassNotService, 1),
+                (StatReason::PassTranslated, 5),
+            ]);
+        }
+    });
+}
+
+#[test]
+fn c2_a_dead_flows_reply_key_is_taken_over_without_remap() {
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load_with(DatapathConfig {
+            ct_udp_ns: 5_000_000_000,
+            ..DatapathConfig::DEFAULT
+        });
+        two_frontends_one_backend(&mut dp, PROTO_UDP);
+        dp.run(POD_INGRESS, &udp(sa(CLIENT), sa(VIP_A)).build());
+        let long_ago = boot_ns() - 60_000_000_000;
+        let rkey = ct_key(sa(BACKEND_1), sa(CLIENT), PROTO_UDP, CT_DIR_REPLY);
+        age(
+            &mut dp,
+            ct_key(sa(CLIENT), sa(VIP_A), PROTO_UDP, CT_DIR_FORWARD),
+            long_ago,
+        );
+        age(&mut dp, rkey, long_ago);
+        let b = udp(sa(CLIENT), sa(VIP_B));
+        let r = dp.run(POD_INGRESS, &b.build());
+        assert_frame_eq(&r.out, &b.with_destination(sa(BACKEND_1)).build());
+        assert_eq!(dp.ct(&rkey).unwrap().service_id, 22);
+        // The dead flow's client comes back: a new flow, remapped now (the
+        // key is the live second flow's).
+        let a = udp(sa(CLIENT), sa(VIP_A));
+        let r = dp.run(POD_INGRESS, &a.build());
+        assert_ne!(tuple(&r.out).src, sa(CLIENT));
+        assert_eq!(dp.ct(&rkey).unwrap().service_id, 22);
+        dp.assert_stats(&[
+            (StatReason::Packets, 3),
+            (StatReason::NewFlow, 3),
+            (StatReason::ConntrackExpired, 1),
+            (StatReason::PortRemapped, 1),
+            (StatReason::PassTranslated, 3),
+        ]);
+    });
+}
+
+#[test]
+fn c1_c2_a_flow_whose_lost_reply_key_another_flow_took_is_recreated_remapped() {
+    // LRU evicted the first flow's REPLY entry and a second flow took its
+    // key: the first flow's next datagram cannot repair it (the key is not
+    // its own any more), so it becomes a new flow with a remapped port.
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        two_frontends_one_backend(&mut dp, PROTO_UDP);
+        dp.run(POD_INGRESS, &udp(sa(CLIENT), sa(VIP_A)).build());
+        let rkey = ct_key(sa(BACKEND_1), sa(CLIENT), PROTO_UDP, CT_DIR_REPLY);
+        dp.conntrack().remove(&rkey).unwrap();
+        let b = udp(sa(CLIENT), sa(VIP_B));
+        let r = dp.run(POD_INGRESS, &b.build());
+        assert_frame_eq(&r.out, &b.with_destination(sa(BACKEND_1)).build());
+        let a = udp(sa(CLIENT), sa(VIP_A));
+        let r = dp.run(POD_INGRESS, &a.build());
+        let remapped = tuple(&r.out).src;
+        assert_ne!(remapped, sa(CLIENT));
+        // Both answer right.
+        let reply = udp(sa(BACKEND_1), sa(CLIENT));
+        let r = dp.run(POD_EGRESS, &reply.build());
+        assert_eq!(tuple(&r.out).src, sa(VIP_B));
+        let reply = udp(sa(BACKEND_1), remapped);
+        let r = dp.run(POD_EGRESS, &reply.build());
+        assert_eq!(
+            (tuple(&r.out).src, tuple(&r.out).dst),
+            (sa(VIP_A), sa(CLIENT))
+        );
+        assert_eq!(dp.ct_all().len(), 4);
+        dp.assert_stats(&[
+            (StatReason::Packets, 5),
+            (StatReason::NewFlow, 3),
+            (StatReason::ConntrackPeerMissing, 1),
+            (StatReason::PortRemapped, 1),
+            (StatReason::ReplyTranslated, 2),
+            (StatReason::PassTranslated, 5),
+        ]);
+    });
+}
+
+#[test]
+fn c2_cpus_creating_one_flow_at_once_agree_on_its_backend() {
+    // Two threads (two CPUs) run the first packet of the same new flows at
+    // the same time, over eight backends. Whoever loses the FORWARD insert
+    // uses the winner's entry: both see the same backend, and each flow has
+    // exactly one pair of entries.
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        let backends: Vec<BackendEntry> = (0..8)
+            .map(|i| be(100 + i, &format!("10.244.{}.{}:8080", 1 + i, 10 + i)))
+            .collect();
+        dp.add_service(&ServiceEntry::cluster_ip(1, sa(VIP), PROTO_UDP, backends));
+        let flows = 2_000u16;
+        let barrier = std::sync::Barrier::new(2);
+        let shared = &dp;
+        let run = |_: usize| {
+            let mut out = Vec::new();
+            for i in 0..flows {
+                let c = SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 5), 20_000 + i);
+                barrier.wait();
+                let r = shared.run(POD_INGRESS, &udp(c, sa(VIP)).build());
+                assert_eq!(r.ret, TC_ACT_UNSPEC);
+                out.push(tuple(&r.out).dst);
+            }
+            out
+        };
+        let (a, b) = std::thread::scope(|s| {
+            let x = s.spawn(|| run(0));
+            let y = s.spawn(|| run(1));
+            (x.join().unwrap(), y.join().unwrap())
+        });
+        assert_eq!(a, b, "two CPUs sent one flow to two backends");
+        let races = dp.stat(StatReason::ConntrackRaceLost);
+        println!("{races} of {flows} flows were created by both CPUs at once");
+        assert_eq!(dp.ct_all().len(), 2 * usize::from(flows));
+        assert_eq!(dp.stat(StatReason::NewFlow), u64::from(flows));
+        dp.assert_outcomes_sum();
+    });
+}
+
+// ---------------------------------------------------------------------------
+// C3: ICMP errors of translated flows are translated, outer and quoted
+// headers, checksums included; PMTU and TTL on the SNAT redirect path
+// ---------------------------------------------------------------------------
+
+/// An ICMP error from `src` to `dst` quoting `quote`.
+fn icmp_err(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    icmp_type: u8,
+    code: u8,
+    rest: [u8; 4],
+    quote: &[u8],
+) -> Ipv4Frame {
+    Ipv4Frame {
+        l4: packet::L4::IcmpError {
+            icmp_type,
+            code,
+            rest,
+            quote: quote.to_vec(),
+        },
+        ..icmp_port_unreachable(src, dst, &[])
+    }
+}
+
+/// What an ICMP error quotes of `frame`: its IPv4 header and `n` bytes of
+/// its payload.
+fn quote(frame: &[u8], n: usize) -> Vec<u8> {
+    frame[off::IP..off::L4 + n].to_vec()
+}
+
+/// "Fragmentation needed", next-hop MTU 1400.
+const FRAG_NEEDED: (u8, u8, [u8; 4]) = (3, 4, [0, 0, 0x05, 0x78]);
+const PORT_UNREACH: (u8, u8, [u8; 4]) = (3, 3, [0; 4]);
+const TIME_EXCEEDED: (u8, u8, [u8; 4]) = (11, 0, [0; 4]);
+
+#[test]
+fn c3_errors_toward_a_pod_client_are_translated_at_its_egress() {
+    // The client's segments, DNAT'ed at its interface, meet a router with
+    // a smaller MTU (or expire, or reach a closed port of the backend): the
+    // error quotes client -> backend; at the client's egress the quote
+    // becomes client -> ClusterIP again, exactly as the client sent it
+    // (IPv4 header, ports, the TCP/UDP checksum in a long quote), with every
+    // checksum right. A router's address stays; the backend's becomes the
+    // ClusterIP.
+    require_privileges!();
+    in_private_netns(|| {
+        let router = Ipv4Addr::new(192, 0, 2, 254);
+        for proto in [PROTO_TCP, PROTO_UDP] {
+            for (t, code, rest) in [FRAG_NEEDED, TIME_EXCEEDED, PORT_UNREACH] {
+                for quoted in [8, 20] {
+                    let mut dp = Datapath::load();
+                    dp.add_service(&ServiceEntry::cluster_ip(
+                        1,
+                        sa(VIP),
+                        proto,
+                        vec![be(12, BACKEND_2)],
+                    ));
+                    let sent = frame(proto, sa(CLIENT), sa(VIP)).with_payload(&[7; 40]);
+                    let r = dp.run(POD_INGRESS, &sent.build());
+                    assert_eq!(tuple(&r.out).dst, sa(BACKEND_2));
+                    let from = if code == 3 {
+                        *sa(BACKEND_2).ip()
+                    } else {
+                        router
+                    };
+                    let err = icmp_err(
+                        from,
+                        *sa(CLIENT).ip(),
+                        t,
+                        code,
+                        rest,
+                        &quote(&r.out, quoted),
+                    );
+                    let r = dp.run(POD_EGRESS, &err.build());
+                    assert_eq!(r.ret, TC_ACT_UNSPEC);
+                    let want_from = if code == 3 { *sa(VIP).ip() } else { router };
+                    let want = icmp_err(
+                        want_from,
+                        *sa(CLIENT).ip(),
+                        t,
+                        code,
+                        rest,
+                        &quote(&sent.build(), quoted),
+                    );
+                    assert_frame_eq(&r.out, &want.build());
+                    // The inner checksums, recomputed: the quoted IPv4 header;
+                    // the UDP checksum covers the whole datagram, so compare
+                    // with the one the client sent.
+                    let inner = &r.out[off::L4 + 8..];
+                    assert_eq!(
+                        packet::internet_checksum(&inner[..20]),
+                        0,
+                        "quoted IPv4 header checksum"
+                    );
+                    // The same error at ingress hooks (it came from the
+                    // other side): not for them.
+                    let e = err.build();
+                    for prog in [POD_INGRESS, UPLINK_INGRESS] {
+                        let r = dp.run(prog, &e);
+                        assert_eq!((r.ret, &r.out), (TC_ACT_UNSPEC, &e), "{prog}");
+                    }
+                    dp.assert_stats(&[
+                        (StatReason::Packets, 4),
+                        (StatReason::NewFlow, 1),
+                        (StatReason::IcmpErrorTranslated, 1),
+                        (StatReason::PassTranslated, 2),
+                        (StatReason::PassOtherProto, 2),
+                    ]);
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn c3_errors_toward_a_remapped_client_port_get_it_back() {
+    // C2's remapped port in a quote is the client's own again.
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        two_frontends_one_backend(&mut dp, PROTO_UDP);
+        dp.run(POD_INGRESS, &udp(sa(CLIENT), sa(VIP_A)).build());
+        let sent = udp(sa(CLIENT), sa(VIP_B));
+        let r = dp.run(POD_INGRESS, &sent.build());
+        assert_ne!(tuple(&r.out).src, sa(CLIENT));
+        let err = icmp_err(
+            *sa(BACKEND_1).ip(),
+            *sa(CLIENT).ip(),
+            3,
+            3,
+            [0; 4],
+            &quote(&r.out, 8),
+        );
+        let r = dp.run(POD_EGRESS, &err.build());
+        let want = icmp_err(
+            *sa(VIP_B).ip(),
+            *sa(CLIENT).ip(),
+            3,
+            3,
+            [0; 4],
+            &quote(&sent.build(), 8),
+        );
+        assert_frame_eq(&r.out, &want.build());
+        dp.assert_stats(&[
+            (StatReason::Packets, 3),
+            (StatReason::NewFlow, 2),
+            (StatReason::PortRemapped, 1),
+            (StatReason::IcmpErrorTranslated, 1),
+            (StatReason::PassTranslated, 3),
+        ]);
+    });
+}
+
+#[test]
+fn c3_errors_from_a_pod_client_about_replies_go_to_the_backend() {
+    // The client's socket is gone: its "port unreachable" about the
+    // ClusterIP's reply must reach the backend as about its own packet.
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        let (fkey, _) = dns_flow(&mut dp);
+        assert!(dp.ct(&fkey).is_some());
+        let dns = sa("10.96.0.10:53");
+        let backend = sa("10.244.3.3:5353");
+        let reply = udp(backend, sa(CLIENT)).with_payload(&[9; 30]);
+        let r = dp.run(POD_EGRESS, &reply.build());
+        assert_eq!(tuple(&r.out).src, dns);
+        let err = icmp_err(
+            *sa(CLIENT).ip(),
+            *dns.ip(),
+            3,
+            3,
+            [0; 4],
+            &quote(&r.out, 38),
+        );
+        let r = dp.run(POD_INGRESS, &err.build());
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
+        let want = icmp_err(
+            *sa(CLIENT).ip(),
+            *backend.ip(),
+            3,
+            3,
+            [0; 4],
+            &quote(&reply.build(), 38),
+        );
+        assert_frame_eq(&r.out, &want.build());
+        dp.assert_stats(&[
+            (StatReason::Packets, 3),
+            (StatReason::NewFlow, 1),
+            (StatReason::ReplyTranslated, 1),
+            (StatReason::IcmpErrorTranslated, 1),
+            (StatReason::PassTranslated, 3),
+        ]);
+    });
+}
+
+#[test]
+fn c3_errors_of_snat_flows_are_translated_and_redirected_on_the_uplink() {
+    require_privileges!();
+    in_private_netns(|| {
+        let (up0, up0_mac) = uplink_netns(true);
+        let mut dp = Datapath::load();
+        remote_nodeport(&mut dp);
+        let fe = SocketAddrV4::new(NODE, 30080);
+        let sent = tcp(sa(EXTERNAL), fe, TCP_ACK | TCP_PSH);
+        let r = dp.run_on(UPLINK_INGRESS, &sent.build(), up0);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        let port = tuple(&r.out).src.port();
+        let snat = SocketAddrV4::new(NODE, port);
+        // A router toward the backend: fragmentation needed, to the node.
+        let router = Ipv4Addr::new(192, 0, 2, 2);
+        let (t, code, rest) = FRAG_NEEDED;
+        let err = icmp_err(router, NODE, t, code, rest, &quote(&r.out, 20))
+            .with_macs(up0_mac, [2, 0, 0, 0, 2, 2]);
+        let r = dp.run_on(UPLINK_INGRESS, &err.build(), up0);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        // To the client, about what it sent (with the TTL the router saw);
+        // forwarded like the flow's replies (TTL - 1, to its gateway).
+        let seen = sent.clone().with_ttl(63).build();
+        let want = icmp_err(router, *sa(EXTERNAL).ip(), t, code, rest, &quote(&seen, 20))
+            .with_ttl(63)
+            .with_macs([2, 0, 0, 0, 2, 3], up0_mac);
+        assert_frame_eq(&r.out, &want.build());
+
+        // The client's "port unreachable" about a reply from the NodePort
+        // goes to the backend, from the node (SNAT).
+        let reply = tcp(fe, sa(EXTERNAL), TCP_ACK);
+        let err = icmp_err(
+            *sa(EXTERNAL).ip(),
+            NODE,
+            3,
+            3,
+            [0; 4],
+            &quote(&reply.build(), 8),
+        );
+        let r = dp.run_on(UPLINK_INGRESS, &err.build(), up0);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        let backend_reply = tcp(sa(BACKEND_2), snat, TCP_ACK);
+        let want = icmp_err(
+            NODE,
+            *sa(BACKEND_2).ip(),
+            3,
+            3,
+            [0; 4],
+            &quote(&backend_reply.build(), 8),
+        )
+        .with_ttl(63)
+        .with_macs([2, 0, 0, 0, 2, 2], up0_mac);
+        assert_frame_eq(&r.out, &want.build());
+        dp.assert_stats(&[
+            (StatReason::Packets, 3),
+            (StatReason::NewFlow, 1),
+            (StatReason::IcmpErrorTranslated, 2),
+            (StatReason::Redirected, 3),
+        ]);
+    });
+}
+
+#[test]
+fn c3_a_packet_too_big_for_the_route_is_answered_with_frag_needed() {
+    // The SNAT redirect path checks the route's MTU (here a locked route
+    // MTU of 1400 toward the backend's node) and answers like a router:
+    // ICMP fragmentation needed with the next-hop MTU, about the packet as
+    // the client sent it. A packet that fits is forwarded.
+    require_privileges!();
+    in_private_netns(|| {
+        let (up0, _) = uplink_netns(true);
+        sh(&[
+            "ip",
+            "route",
+            "replace",
+            "10.244.2.0/24",
+            "via",
+            "192.0.2.2",
+            "mtu",
+            "lock",
+            "1400",
+        ]);
+        let mut dp = Datapath::load();
+        remote_nodeport(&mut dp);
+        let fe = SocketAddrV4::new(NODE, 30080);
+        let big = tcp(sa(EXTERNAL), fe, TCP_ACK | TCP_PSH).with_payload(&[1; 1460]);
+        let sent = big.build();
+        assert_eq!(sent.len(), 14 + 1500);
+        let r = dp.run_on(UPLINK_INGRESS, &sent, up0);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        let (t, code, rest) = FRAG_NEEDED;
+        let mut want = icmp_err(NODE, *sa(EXTERNAL).ip(), t, code, rest, &quote(&sent, 8))
+            .with_macs(MAC_A, MAC_B);
+        want.id = 0;
+        want.frag = 0x4000;
+        want.tos = 0xc0;
+        assert_frame_eq(&r.out, &want.build());
+        // 1400 bytes fit.
+        let fits = tcp(sa(EXTERNAL), fe, TCP_ACK | TCP_PSH).with_payload(&[1; 1360]);
+        let r = dp.run_on(UPLINK_INGRESS, &fits.build(), up0);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        assert_eq!(tuple(&r.out).dst, sa(BACKEND_2));
+        dp.assert_stats(&[
+            (StatReason::Packets, 2),
+            (StatReason::NewFlow, 1),
+            (StatReason::ForwardTranslated, 1),
+            (StatReason::IcmpFragNeededSent, 1),
+            (StatReason::Redirected, 1),
+        ]);
+    });
+}
+
+#[test]
+fn c3_unrelated_or_malformed_icmp_errors_pass_unchanged() {
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        web(&mut dp);
+        dp.run(POD_INGRESS, &tcp(sa(CLIENT), sa(VIP), TCP_SYN).build());
+        let translated = tcp(sa(CLIENT), sa(BACKEND_1), TCP_SYN).build();
+        let other = tcp(sa("10.244.0.9:1234"), sa(BACKEND_1), TCP_SYN).build();
+        let mut frames = vec![
+            // About a flow lb does not know.
+            icmp_err(
+                *sa(BACKEND_1).ip(),
+                Ipv4Addr::new(10, 244, 0, 9),
+                3,
+                3,
+                [0; 4],
+                &quote(&other, 8),
+            )
+            .build(),
+            // Not an error (an echo reply quoting nothing).
+            icmp_echo(Ipv4Addr::new(10, 244, 0, 9), *sa(CLIENT).ip()).build(),
+            // A redirect (type 5) is not translated.
+            icmp_err(
+                *sa(BACKEND_1).ip(),
+                *sa(CLIENT).ip(),
+                5,
+                1,
+                [0; 4],
+                &quote(&translated, 8),
+            )
+            .build(),
+        ];
+        // Quotes cut short: no room for the ports.
+        for n in [0, 4] {
+            frames.push(
+                icmp_err(
+                    *sa(BACKEND_1).ip(),
+                    *sa(CLIENT).ip(),
+                    3,
+                    3,
+                    [0; 4],
+                    &quote(&translated, n),
+                )
+                .build(),
+            );
+        }
+        // A quoted header with options, and a quoted later fragment.
+        let mut q = quote(&translated, 8);
+        q[0] = 0x46;
+        frames.push(icmp_err(*sa(BACKEND_1).ip(), *sa(CLIENT).ip(), 3, 3, [0; 4], &q).build());
+        let mut q = quote(&translated, 8);
+        q[6] = 0x00;
+        q[7] = 0x10;
+        frames.push(icmp_err(*sa(BACKEND_1).ip(), *sa(CLIENT).ip(), 3, 3, [0; 4], &q).build());
+        let mut n = 1;
+        for prog in program_names::ALL {
+            for f in &frames {
+                let r = dp.run(prog, f);
+                assert_eq!((r.ret, &r.out), (TC_ACT_UNSPEC, f), "{prog} {}", hex(f));
+                n += 1;
+            }
+        }
+        dp.assert_stats(&[
+            (StatReason::Packets, n),
+            (StatReason::NewFlow, 1),
+            (StatReason::PassTranslated, 1),
+            (StatReason::PassOtherProto, n - 1),
+        ]);
     });
 }

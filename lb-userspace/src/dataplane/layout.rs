@@ -15,6 +15,7 @@ use lb_common::{
     map_names as m, AffinityKey, AffinityValue, BackendSlot, BackendSlotKey, BackendValue,
     ConntrackEntry, ConntrackKey, NodeAddrValue, ServiceKey, ServicePortNameValue, ServiceValue,
     SockRevNatKey, SockRevNatValue, SourceRangeKey, UplinkAddr, LAYOUT_VERSION,
+    FragKey, FragValue,
 };
 use thiserror::Error;
 
@@ -115,7 +116,7 @@ struct Declared {
 
 /// What this agent's datapath declares, from the lb-common types (the same
 /// ones lb-ebpf/src/maps.rs declares its maps with), at `sizes`.
-fn declared(sizes: &MapSizes) -> [Declared; 12] {
+fn declared(sizes: &MapSizes) -> [Declared; 13] {
     let d = |name, kind, key, value, max_entries| Declared {
         name,
         kind,
@@ -198,6 +199,13 @@ fn declared(sizes: &MapSizes) -> [Declared; 12] {
             sizes.host_sockets,
         ),
         d(m::LAYOUT, MapType::Array, 4, 4, 1),
+        d(
+            m::FRAGMENTS,
+            MapType::LruHash,
+            size_of::<FragKey>(),
+            size_of::<FragValue>(),
+            lb_common::MAX_FRAGMENTS,
+        ),
     ]
 }
 

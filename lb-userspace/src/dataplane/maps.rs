@@ -17,6 +17,7 @@ use lb_core::{MapContents, MapOp, ServicePortName};
 use thiserror::Error;
 use tracing::warn;
 
+use super::conntrack_gc::{Candidate, ExpiredFlows};
 use super::sys;
 
 #[derive(Debug, Error)]
@@ -325,18 +326,191 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
+/// BPF_MAP_LOOKUP_AND_DELETE_ELEM (hash and LRU hash maps since 5.14): the
+/// value the kernel removed, atomically with the removal; `None` when the
+/// key was not there. (aya 0.14 has it only for queues and stacks.)
+fn lookup_and_delete<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    key: &K,
+) -> std::io::Result<Option<V>> {
+    use std::os::fd::{AsFd, AsRawFd};
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    // map_elem: map_fd (u32), pad, key, value, flags (u64 each).
+    #[repr(C)]
+    struct Elem {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut value = std::mem::MaybeUninit::<V>::zeroed();
+    let mut attr = Elem {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix of the size passed; the key
+    // and value buffers have the map's key and value sizes (the lb-common
+    // types of the map).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            std::ptr::from_mut(&mut attr),
+            std::mem::size_of::<Elem>(),
+        )
+    };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOENT) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: the kernel wrote a whole value (V is Pod: any bytes are valid).
+    Ok(Some(unsafe { value.assume_init() }))
+}
+
 impl<T: BorrowMut<MapData>> DatapathMaps<T> {
-    /// Deletes conntrack entries; ones already gone (LRU eviction, or the
-    /// datapath replaced them) are fine. Returns how many were deleted.
-    pub fn delete_conntrack(&mut self, keys: &[ConntrackKey]) -> Result<usize, MapsError> {
+    /// Deletes the flows the GC found idle (C1), both directions together,
+    /// without racing the datapath: each flow is read again right before it
+    /// is deleted and skipped if it is live again, and each entry is
+    /// removed with BPF_MAP_LOOKUP_AND_DELETE_ELEM, so the value judged is
+    /// the one removed; an entry a packet refreshed in between is put back
+    /// (with BPF_NOEXIST: a repair the datapath made meanwhile wins), and
+    /// then the flow is kept. See `conntrack_gc` for the window that
+    /// remains. Entries already gone (LRU eviction) are fine. Returns how
+    /// many entries were deleted.
+    pub fn delete_conntrack(&mut self, expired: &ExpiredFlows) -> Result<usize, MapsError> {
         let mut n = 0;
-        for k in keys {
-            match ignore_missing(self.conntrack.remove(k)) {
-                Ok(()) => n += 1,
-                Err(e) => return Err(err(map_names::CONNTRACK)(e)),
-            }
+        for c in &expired.flows {
+            n += self.delete_flow(expired, c)?;
         }
         Ok(n)
+    }
+
+    fn ct_get(&self, key: &ConntrackKey) -> Result<Option<ConntrackEntry>, MapsError> {
+        match self.conntrack.get(key, 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(None)
+            }
+            Err(e) => Err(err(map_names::CONNTRACK)(e)),
+        }
+    }
+
+    /// Puts an entry back that a packet refreshed while it was deleted,
+    /// unless the datapath re-created it meanwhile.
+    fn ct_restore(&mut self, key: &ConntrackKey, entry: &ConntrackEntry) -> Result<(), MapsError> {
+        const BPF_NOEXIST: u64 = 1;
+        match self.conntrack.insert(key, entry, BPF_NOEXIST) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                Ok(())
+            }
+            Err(e) => Err(err(map_names::CONNTRACK)(e)),
+        }
+    }
+
+    fn ct_take(&mut self, key: &ConntrackKey) -> Result<Option<ConntrackEntry>, MapsError> {
+        lookup_and_delete(self.conntrack.map(), key).map_err(|io_error| MapsError::Map {
+            name: map_names::CONNTRACK,
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "BPF_MAP_LOOKUP_AND_DELETE_ELEM",
+                io_error,
+            }),
+        })
+    }
+
+    /// The flow of candidate `c` as the map holds it now: its FORWARD entry
+    /// and the REPLY entry that pairs with it, or a REPLY entry alone.
+    #[allow(clippy::type_complexity)]
+    fn current(
+        &self,
+        c: &Candidate,
+    ) -> Result<
+        (
+            Option<(ConntrackKey, ConntrackEntry)>,
+            Option<(ConntrackKey, ConntrackEntry)>,
+        ),
+        MapsError,
+    > {
+        let mut fwd = match c.forward {
+            Some(k) => self.ct_get(&k)?.map(|e| (k, e)),
+            None => None,
+        };
+        let lone_reply = match (fwd, c.reply) {
+            (None, Some(rk)) => self.ct_get(&rk)?.map(|e| (rk, e)),
+            _ => None,
+        };
+        if let Some((rk, re)) = lone_reply {
+            // Has its FORWARD entry come back (re-created by the datapath)?
+            let fk = rk.peer(&re);
+            if let Some(fe) = self.ct_get(&fk)? {
+                if fk.peer(&fe) == rk {
+                    fwd = Some((fk, fe));
+                }
+            }
+        }
+        let rev = match fwd {
+            Some((fk, fe)) => {
+                let rk = fk.peer(&fe);
+                self.ct_get(&rk)?
+                    .filter(|re| rk.peer(re) == fk)
+                    .map(|re| (rk, re))
+            }
+            None => lone_reply,
+        };
+        Ok((fwd, rev))
+    }
+
+    /// Deletes one idle flow unless it is live again; the number of
+    /// entries deleted.
+    fn delete_flow(&mut self, x: &ExpiredFlows, c: &Candidate) -> Result<usize, MapsError> {
+        let (fwd, rev) = self.current(c)?;
+        let Some(proto) = fwd.or(rev).map(|(k, _)| k.proto) else {
+            return Ok(0);
+        };
+        if !x.idle(
+            proto,
+            fwd.as_ref().map(|f| &f.1),
+            rev.as_ref().map(|r| &r.1),
+        ) {
+            return Ok(0);
+        }
+        let mut deleted = 0;
+        // FORWARD first: a reply in the window below is still translated
+        // (and re-creates the FORWARD entry).
+        let mut taken_fwd = None;
+        if let Some((fk, _)) = fwd {
+            if let Some(v) = self.ct_take(&fk)? {
+                if !x.idle(proto, Some(&v), rev.as_ref().map(|r| &r.1)) {
+                    // A forward packet refreshed it after our read.
+                    self.ct_restore(&fk, &v)?;
+                    return Ok(0);
+                }
+                deleted += 1;
+                taken_fwd = Some((fk, v));
+            }
+        }
+        if let Some((rk, _)) = rev {
+            if let Some(w) = self.ct_take(&rk)? {
+                if !x.idle(proto, Some(&w), None) {
+                    // A reply came in between: the flow lives; put both back.
+                    self.ct_restore(&rk, &w)?;
+                    if let Some((fk, v)) = taken_fwd {
+                        self.ct_restore(&fk, &v)?;
+                    }
+                    return Ok(0);
+                }
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
     }
 }
 

@@ -178,6 +178,7 @@ fn ct_flag_names(f: u16) -> Vec<&'static str> {
     let mut out = Vec::new();
     for (bit, name) in [
         (ct_flags::SNAT, "snat"),
+        (ct_flags::PORT_REMAP, "remap"),
         (ct_flags::SEEN_REPLY, "seen-reply"),
         (ct_flags::TCP_SYN, "syn"),
         (ct_flags::TCP_ESTABLISHED, "established"),
