@@ -800,9 +800,13 @@ pub enum StatReason {
     /// Dropped (C4): a later fragment whose first fragment was not seen
     /// (it arrives later, was evicted) or was dropped or answered.
     DropFragmentNoFirst = 35,
+    /// F3: a TCP SYN (without ACK) matched a flow that had closed (FIN or
+    /// RST seen): a new connection reusing the client's port, handled as a
+    /// new flow (a new backend pick), as netfilter reopens a closed entry.
+    ConntrackReopened = 36,
 }
 
-pub const STAT_COUNT: u32 = 36;
+pub const STAT_COUNT: u32 = 37;
 
 impl StatReason {
     pub const ALL: [StatReason; STAT_COUNT as usize] = [
@@ -842,6 +846,7 @@ impl StatReason {
         StatReason::IcmpTimeExceededSent,
         StatReason::FragmentTranslated,
         StatReason::DropFragmentNoFirst,
+        StatReason::ConntrackReopened,
     ];
 
     /// Stable snake_case name (lbctl output, metrics labels).
@@ -883,6 +888,7 @@ impl StatReason {
             StatReason::IcmpTimeExceededSent => "icmp_time_exceeded_sent",
             StatReason::FragmentTranslated => "fragment_translated",
             StatReason::DropFragmentNoFirst => "drop_fragment_no_first",
+            StatReason::ConntrackReopened => "conntrack_reopened",
         }
     }
 

@@ -142,7 +142,12 @@ pub fn lookup_forward(cfg: &DatapathConfig, pkt: &Packet) -> Option<Forward> {
         count(StatReason::FlowMoved);
         return Some(Forward::Recreate);
     }
-    let bits = forward_bits(pkt, fwd.flags | rev.map_or(0, |r| r.1.flags));
+    let flags = fwd.flags | rev.map_or(0, |r| r.1.flags);
+    if reopens_closed_flow(pkt, flags) {
+        count(StatReason::ConntrackReopened);
+        return Some(Forward::Recreate);
+    }
+    let bits = forward_bits(pkt, flags);
     match rev {
         Some((rptr, _)) => refresh(rptr, bits, now),
         None => {
@@ -186,6 +191,19 @@ pub fn touch_reply(ptr: *mut ConntrackEntry, entry: &ConntrackEntry, pkt: &Packe
             repair(&fkey, &fwd, &rkey);
         }
     }
+}
+
+/// F3: a SYN without ACK on a flow that saw FIN or RST is a new connection
+/// that reuses the client's port (a client that binds a fixed port, or
+/// port reuse within the closing timeout), not a retransmission: it gets a
+/// new backend pick, as netfilter re-opens a TIME_WAIT/CLOSE entry on a
+/// SYN. A SYN on a flow that never closed is a retransmission and keeps
+/// its backend.
+#[inline(always)]
+fn reopens_closed_flow(pkt: &Packet, flags: u16) -> bool {
+    pkt.proto == PROTO_TCP
+        && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && flags & (ct_flags::TCP_FIN | ct_flags::TCP_RST) != 0
 }
 
 /// A UDP flow whose backend left its service port must move to a live

@@ -435,8 +435,16 @@ fn new_flow(
     let snat_addr = if hairpin {
         cfg.hairpin_addr
     } else if snat {
+        // M2: a remote backend must reach the SNAT address: the uplink the
+        // route to it leaves by; a local one answers any node address.
+        let egress = if be.flags & backend_flags::LOCAL == 0 {
+            nat::egress_uplink_addr(ctx, be.addr)
+        } else {
+            0
+        };
         // SAFETY: the context's skb is valid for the program's run.
         match service::snat_source(pkt, unsafe { (*ctx.skb.skb).ifindex }) {
+            _ if egress != 0 => egress,
             Some(a) => a,
             None => return drop(StatReason::DropNoSnatAddress),
         }

@@ -86,6 +86,14 @@ pub static LB_SOCK_REVNAT: LruHashMap<
     { MAX_SOCK_REVNAT as usize },
 > = LruHashMap::new();
 
+/// Per-CPU scratch room for a `bpf_fib_lookup` struct (64 bytes) where the
+/// stack has none left: `nat::egress_uplink_addr` runs a call deeper than
+/// the verifier's 512-byte combined stack allows for it. Not pinned (not a
+/// `map_names` entry): nothing lives in it between two helper calls of
+/// one program run, and a program run is not preempted on its CPU.
+#[btf_map]
+pub static LB_FIB_SCRATCH: PerCpuArray<[u64; 8], 1> = PerCpuArray::new();
+
 /// Per-CPU counters indexed by `lb_common::StatReason`.
 #[btf_map]
 pub static LB_STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();

@@ -24,6 +24,7 @@ use crate::{
         decrement_ttl, rewrite_addr, rewrite_port, RewriteError, IP_DADDR_OFF, IP_SADDR_OFF,
         L4_DPORT_OFF, L4_SPORT_OFF,
     },
+    maps::{LB_FIB_SCRATCH, LB_UPLINK_ADDRS},
     parse::{Packet, Sent},
     stats::{count, drop},
 };
@@ -154,6 +155,47 @@ pub fn route(ctx: &TcContext, pkt: &Packet, out: &Packet, node: u32, route: &mut
         }
     }
     drop(StatReason::DropFibFailed)
+}
+
+/// M2: the address a backend on another node answers an SNAT'ed flow at:
+/// the primary address of the uplink the route to `backend` leaves by, as
+/// kube-proxy's MASQUERADE picks the egress interface's address. A flow
+/// that arrived on a second uplink (another network the backend's node may
+/// not reach) is SNAT'ed to the uplink that does reach it; the frontend's
+/// own address comes back on the reply through the REPLY entry. 0 when the
+/// route leaves by an interface lb has no address of (the caller then
+/// falls back to the frontend or arrival uplink address). Called from the
+/// new-flow step, whose frame leaves no stack for a bpf_fib_lookup struct:
+/// the struct lives in the per-CPU `LB_FIB_SCRATCH`.
+#[inline(never)]
+pub fn egress_uplink_addr(ctx: &TcContext, backend: u32) -> u32 {
+    const _: () = assert!(core::mem::size_of::<FibParams>() <= 64);
+    let Some(room) = LB_FIB_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let fib = room.cast::<FibParams>();
+    // SAFETY: `room` is this CPU's 64-byte, 8-aligned scratch value, large
+    // enough for a bpf_fib_lookup (checked above); all-zero is a valid one.
+    let rc = unsafe {
+        core::ptr::write_bytes(room, 0, 1);
+        (*fib).family = AF_INET;
+        (*fib).__bindgen_anon_4.ipv4_dst = backend;
+        (*fib).ifindex = (*ctx.skb.skb).ifindex;
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        return 0;
+    }
+    // SAFETY: the helper filled in the egress ifindex; a valid map value
+    // pointer, copied out at once.
+    LB_UPLINK_ADDRS
+        .get_ptr(unsafe { (*fib).ifindex })
+        .map_or(0, |a| unsafe { (*a).addr })
 }
 
 /// [`route`] found the way.

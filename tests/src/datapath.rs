@@ -278,6 +278,13 @@ impl Datapath {
             .unwrap();
     }
 
+    /// Forgets the address of the uplink `ifindex`.
+    pub fn remove_uplink_addr(&mut self, ifindex: u32) {
+        self.hash_map::<u32, UplinkAddr>(map_names::UPLINK_ADDRS)
+            .remove(&ifindex)
+            .unwrap();
+    }
+
     /// A backend that belongs to no service port (the agent never writes
     /// one; tests use it for dangling ids).
     pub fn add_backend(&mut self, id: u32, addr: SocketAddrV4, proto: u8, flags: u8) {

@@ -22,10 +22,12 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use k8s_openapi::api::core::v1::{
-    LoadBalancerStatus, Node, NodeSpec, ObjectReference, Service, ServiceSpec, ServiceStatus, Taint,
+    ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Node, NodeSpec, ObjectReference,
+    Service, ServiceSpec, ServiceStatus, SessionAffinityConfig, Taint,
 };
 use k8s_openapi::api::discovery::v1::{
-    Endpoint as SliceEndpoint, EndpointConditions, EndpointPort, EndpointSlice,
+    Endpoint as SliceEndpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice,
+    ForNode, ForZone,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -127,7 +129,11 @@ pub fn service(name: &str, cluster_ip: Ipv4Addr) -> ServiceBuilder {
         ports: Vec::new(),
         external_ips: Vec::new(),
         external_traffic_policy_local: false,
+        internal_traffic_policy_local: false,
         health_check_node_port: None,
+        affinity: None,
+        load_balancer_ips: Vec::new(),
+        source_ranges: Vec::new(),
     }
 }
 
@@ -142,7 +148,13 @@ pub struct ServiceBuilder {
     ports: Vec<ServicePort>,
     external_ips: Vec<Ipv4Addr>,
     external_traffic_policy_local: bool,
+    internal_traffic_policy_local: bool,
     health_check_node_port: Option<u16>,
+    /// `sessionAffinity: ClientIP` with this timeoutSeconds (`None`: the
+    /// field left out, the API server's default 10800).
+    affinity: Option<Option<u32>>,
+    load_balancer_ips: Vec<Ipv4Addr>,
+    source_ranges: Vec<String>,
 }
 
 impl ServiceBuilder {
@@ -189,6 +201,33 @@ impl ServiceBuilder {
         self
     }
 
+    /// `internalTrafficPolicy: Local` (the default is Cluster).
+    pub fn internal_traffic_policy_local(mut self) -> Self {
+        self.internal_traffic_policy_local = true;
+        self
+    }
+
+    /// `sessionAffinity: ClientIP` with
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds` (as the API server
+    /// defaults it: 10800 when not given).
+    pub fn session_affinity_client_ip(mut self, timeout_seconds: Option<u32>) -> Self {
+        self.affinity = Some(Some(timeout_seconds.unwrap_or(10800)));
+        self
+    }
+
+    /// A `status.loadBalancer.ingress[].ip` (what a cloud controller or
+    /// MetalLB writes for a LoadBalancer Service).
+    pub fn load_balancer_ip(mut self, ip: Ipv4Addr) -> Self {
+        self.load_balancer_ips.push(ip);
+        self
+    }
+
+    /// `spec.loadBalancerSourceRanges` (CIDRs as written).
+    pub fn load_balancer_source_ranges(mut self, ranges: &[&str]) -> Self {
+        self.source_ranges = ranges.iter().map(|r| r.to_string()).collect();
+        self
+    }
+
     pub fn build(self) -> Service {
         let ip = self.cluster_ip.to_string();
         let ports = self
@@ -217,10 +256,31 @@ impl ServiceBuilder {
                 type_: Some(self.service_type.as_str().to_string()),
                 cluster_ip: Some(ip.clone()),
                 cluster_ips: Some(vec![ip]),
-                internal_traffic_policy: Some("Cluster".to_string()),
+                internal_traffic_policy: Some(
+                    if self.internal_traffic_policy_local {
+                        "Local"
+                    } else {
+                        "Cluster"
+                    }
+                    .to_string(),
+                ),
                 ip_families: Some(vec!["IPv4".to_string()]),
                 ip_family_policy: Some("SingleStack".to_string()),
-                session_affinity: Some("None".to_string()),
+                session_affinity: Some(
+                    if self.affinity.is_some() {
+                        "ClientIP"
+                    } else {
+                        "None"
+                    }
+                    .to_string(),
+                ),
+                session_affinity_config: self.affinity.flatten().map(|t| SessionAffinityConfig {
+                    client_ip: Some(ClientIPConfig {
+                        timeout_seconds: Some(i32::try_from(t).unwrap_or(i32::MAX)),
+                    }),
+                }),
+                load_balancer_source_ranges: (!self.source_ranges.is_empty())
+                    .then(|| self.source_ranges.clone()),
                 selector: Some(BTreeMap::from([("app".to_string(), self.name.clone())])),
                 ports: Some(ports),
                 external_ips: (!self.external_ips.is_empty())
@@ -230,7 +290,18 @@ impl ServiceBuilder {
                 ..Default::default()
             }),
             status: Some(ServiceStatus {
-                load_balancer: Some(LoadBalancerStatus::default()),
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: (!self.load_balancer_ips.is_empty()).then(|| {
+                        self.load_balancer_ips
+                            .iter()
+                            .map(|ip| LoadBalancerIngress {
+                                ip: Some(ip.to_string()),
+                                ip_mode: Some("VIP".to_string()),
+                                ..Default::default()
+                            })
+                            .collect()
+                    }),
+                }),
                 ..Default::default()
             }),
         }
@@ -246,6 +317,13 @@ pub struct Endpoint {
     /// The pod behind it (`targetRef`), if any.
     pub pod: Option<String>,
     pub ready: bool,
+    /// `conditions.serving` (equals `ready` unless [`Endpoint::terminating`]).
+    pub serving: bool,
+    pub terminating: bool,
+    /// E6: `hints.forZones` names.
+    pub for_zones: Vec<String>,
+    /// E6: `hints.forNodes` names.
+    pub for_nodes: Vec<String>,
 }
 
 impl Endpoint {
@@ -255,6 +333,10 @@ impl Endpoint {
             node: node.to_string(),
             pod: None,
             ready: true,
+            serving: true,
+            terminating: false,
+            for_zones: Vec::new(),
+            for_nodes: Vec::new(),
         }
     }
 
@@ -271,6 +353,28 @@ impl Endpoint {
     /// Not ready and not serving (a pod failing its readiness probe).
     pub fn not_ready(mut self) -> Self {
         self.ready = false;
+        self.serving = false;
+        self
+    }
+
+    /// A pod shutting down that still serves: not ready, serving,
+    /// terminating (SEMANTICS E3's fallback).
+    pub fn terminating(mut self) -> Self {
+        self.ready = false;
+        self.serving = true;
+        self.terminating = true;
+        self
+    }
+
+    /// E6: adds a `hints.forZones` entry.
+    pub fn for_zone(mut self, zone: &str) -> Self {
+        self.for_zones.push(zone.to_string());
+        self
+    }
+
+    /// E6: adds a `hints.forNodes` entry.
+    pub fn for_node(mut self, node: &str) -> Self {
+        self.for_nodes.push(node.to_string());
         self
     }
 }
@@ -343,8 +447,24 @@ impl EndpointSliceBuilder {
                 addresses: vec![e.ip.to_string()],
                 conditions: Some(EndpointConditions {
                     ready: Some(e.ready),
-                    serving: Some(e.ready),
-                    terminating: Some(false),
+                    serving: Some(e.serving),
+                    terminating: Some(e.terminating),
+                }),
+                hints: (!e.for_zones.is_empty() || !e.for_nodes.is_empty()).then(|| {
+                    EndpointHints {
+                        for_zones: (!e.for_zones.is_empty()).then(|| {
+                            e.for_zones
+                                .iter()
+                                .map(|z| ForZone { name: z.clone() })
+                                .collect()
+                        }),
+                        for_nodes: (!e.for_nodes.is_empty()).then(|| {
+                            e.for_nodes
+                                .iter()
+                                .map(|n| ForNode { name: n.clone() })
+                                .collect()
+                        }),
+                    }
                 }),
                 node_name: Some(e.node.clone()),
                 target_ref: e.pod.as_ref().map(|pod| ObjectReference {
@@ -593,6 +713,60 @@ mod tests {
         // No endpoints is an empty list, not a missing field.
         let empty = to_yaml(&endpoint_slice("web", "web-2").build());
         assert_eq!(parse(&empty)[0]["endpoints"], json!([]));
+    }
+
+    #[test]
+    fn affinity_policies_load_balancer_and_hints_have_the_api_fields() {
+        let svc = service("lb", Ipv4Addr::new(10, 96, 0, 12))
+            .service_type(ServiceType::LoadBalancer)
+            .port(ServicePort::tcp("http", 80, 8080).node_port(30080))
+            .session_affinity_client_ip(Some(3))
+            .internal_traffic_policy_local()
+            .load_balancer_ip(Ipv4Addr::new(203, 0, 113, 5))
+            .load_balancer_source_ranges(&["192.0.2.0/24"])
+            .build();
+        let v = serde_json::to_value(&svc).unwrap();
+        assert_eq!(v["spec"]["sessionAffinity"], "ClientIP");
+        assert_eq!(
+            v["spec"]["sessionAffinityConfig"],
+            json!({"clientIP": {"timeoutSeconds": 3}})
+        );
+        assert_eq!(v["spec"]["internalTrafficPolicy"], "Local");
+        assert_eq!(
+            v["spec"]["loadBalancerSourceRanges"],
+            json!(["192.0.2.0/24"])
+        );
+        assert_eq!(
+            v["status"],
+            json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.5", "ipMode": "VIP"}]}})
+        );
+        let default_timeout = service("d", Ipv4Addr::new(10, 96, 0, 13))
+            .session_affinity_client_ip(None)
+            .build();
+        assert_eq!(
+            serde_json::to_value(&default_timeout).unwrap()["spec"]["sessionAffinityConfig"]
+                ["clientIP"]["timeoutSeconds"],
+            10800
+        );
+
+        let slice = endpoint_slice("web", "web-1")
+            .port("http", Protocol::Tcp, 8080)
+            .endpoint(
+                Endpoint::new(Ipv4Addr::new(10, 244, 1, 2), "node1")
+                    .for_zone("zone-a")
+                    .for_node("node1"),
+            )
+            .endpoint(Endpoint::new(Ipv4Addr::new(10, 244, 2, 2), "node2").terminating());
+        let got = parse(&manifest(&[slice.into()]));
+        assert_eq!(
+            got[0]["endpoints"][0]["hints"],
+            json!({"forZones": [{"name": "zone-a"}], "forNodes": [{"name": "node1"}]})
+        );
+        assert_eq!(
+            got[0]["endpoints"][1]["conditions"],
+            json!({"ready": false, "serving": true, "terminating": true})
+        );
+        assert!(got[0]["endpoints"][1].get("hints").is_none());
     }
 
     #[test]

@@ -1182,6 +1182,50 @@ fn e4_udp_flow_to_a_removed_backend_moves_at_once() {
     });
 }
 
+/// F3: a SYN (without ACK) on the tuple of a connection that closed (FIN
+/// or RST seen) is a new connection reusing the client's port, as netfilter
+/// re-opens a TIME_WAIT/CLOSE entry: a new backend pick from the current
+/// set. A retransmitted SYN of a connection that never closed keeps its
+/// backend.
+#[test]
+fn f3_a_syn_on_a_closed_flow_is_a_new_flow() {
+    require_privileges!();
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        web(&mut dp);
+        let syn = tcp(sa(CLIENT), sa(VIP), TCP_SYN);
+        let r = dp.run(POD_INGRESS, &syn.build());
+        assert_eq!(tuple(&r.out).dst, sa(BACKEND_1));
+        // The only backend is replaced by another.
+        dp.add_backend(12, sa(BACKEND_2), PROTO_TCP, 0);
+        dp.set_slot(1, 0, 12);
+        dp.remove_backend(11);
+        // A retransmitted SYN of the open connection: same backend.
+        let r = dp.run(POD_INGRESS, &syn.build());
+        assert_frame_eq(&r.out, &syn.clone().with_destination(sa(BACKEND_1)).build());
+        // The connection closes (the backend resets it) ...
+        dp.run(POD_EGRESS, &tcp(sa(BACKEND_1), sa(CLIENT), TCP_RST).build());
+        // ... and a new one from the same port goes to the current backend.
+        let r = dp.run(POD_INGRESS, &syn.build());
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
+        assert_frame_eq(&r.out, &syn.clone().with_destination(sa(BACKEND_2)).build());
+        let fwd = dp
+            .ct(&ct_key(sa(CLIENT), sa(VIP), PROTO_TCP, CT_DIR_FORWARD))
+            .unwrap();
+        assert_eq!((fwd.backend_id, fwd.flags), (12, ct_flags::TCP_SYN));
+        // A late ACK of the closed one is not a SYN: it would use the new
+        // flow, never reopen it again.
+        dp.assert_stats(&[
+            (StatReason::Packets, 4),
+            (StatReason::NewFlow, 2),
+            (StatReason::ForwardTranslated, 1),
+            (StatReason::ReplyTranslated, 1),
+            (StatReason::ConntrackReopened, 1),
+            (StatReason::PassTranslated, 4),
+        ]);
+    });
+}
+
 #[test]
 fn tcp_flow_keeps_its_backend_after_the_backend_is_removed() {
     // As with kube-proxy: established TCP connections are not moved (they
@@ -1856,6 +1900,70 @@ fn m2_uplink_snat_flow_is_redirected_both_ways_via_the_fib() {
             (StatReason::Redirected, 3),
             (StatReason::PassNotService, 1),
         ]);
+    });
+}
+
+/// M2 on a node with two uplinks: a NodePort flow that arrives on the
+/// second uplink (`up2`, 192.0.3.1) for a backend that the route reaches
+/// through the first (`up0`) is SNAT'ed to `up0`'s address, the one the
+/// backend's node can answer (kube-proxy's MASQUERADE takes the egress
+/// interface's address); the reply is restored to the address the client
+/// used. Without an address known for the egress interface, the frontend's
+/// own address is the fallback.
+#[test]
+fn m2_snat_to_a_remote_backend_uses_the_egress_uplinks_address() {
+    require_privileges!();
+    in_private_netns(|| {
+        let (up0, up0_mac) = uplink_netns(true);
+        sh(&[
+            "ip", "link", "add", "up2", "type", "veth", "peer", "name", "up3",
+        ]);
+        sh(&["ip", "addr", "add", "192.0.3.1/24", "dev", "up2"]);
+        sh(&["ip", "link", "set", "up2", "up"]);
+        sh(&["ip", "link", "set", "up3", "up"]);
+        std::fs::write("/proc/sys/net/ipv4/conf/up2/forwarding", "1").unwrap();
+        let up2 = ifindex("up2");
+        let second = Ipv4Addr::new(192, 0, 3, 1);
+        let mut dp = Datapath::load();
+        remote_nodeport(&mut dp);
+        dp.add_node_addr(second);
+        dp.set_uplink_addr(up0, NODE);
+        dp.set_uplink_addr(up2, second);
+        let fe = SocketAddrV4::new(second, 30080);
+        let client = sa("192.0.3.9:51000");
+        let r = dp.run_on(UPLINK_INGRESS, &tcp(client, fe, TCP_SYN).build(), up2);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        let fwd = dp
+            .ct(&ct_key(client, fe, PROTO_TCP, CT_DIR_FORWARD))
+            .unwrap();
+        assert_eq!(
+            fwd.snat_addr,
+            net(NODE),
+            "SNAT source must be the egress uplink's address"
+        );
+        let snat = SocketAddrV4::new(NODE, u16::from_be(fwd.snat_port));
+        let want = tcp(snat, sa(BACKEND_2), TCP_SYN)
+            .with_ttl(63)
+            .with_macs([2, 0, 0, 0, 2, 2], up0_mac);
+        assert_frame_eq(&r.out, &want.build());
+        // The reply comes back on up0 and leaves with the frontend the
+        // client addressed (192.0.3.9 is on up2's own subnet: no neighbour
+        // entry, so the kernel resolves it: redirect_neigh).
+        let syn_ack = tcp(sa(BACKEND_2), snat, TCP_SYN | TCP_ACK);
+        let r = dp.run_on(UPLINK_INGRESS, &syn_ack.build(), up0);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        assert_eq!(tuple(&r.out).src, fe);
+        assert_eq!(tuple(&r.out).dst, client);
+
+        // No address known for the egress interface: the frontend address.
+        dp.remove_uplink_addr(up0);
+        let other = sa("192.0.3.9:51001");
+        let r = dp.run_on(UPLINK_INGRESS, &tcp(other, fe, TCP_SYN).build(), up2);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        let fwd = dp
+            .ct(&ct_key(other, fe, PROTO_TCP, CT_DIR_FORWARD))
+            .unwrap();
+        assert_eq!(fwd.snat_addr, net(second));
     });
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use fake_apiserver::FakeApiServer;
 
-use super::processes::{run, tail, terminate};
+use super::processes::{kill_group, run, tail, terminate};
 use super::{Topology, AGENT_TIMEOUT, API_SERVER_IP};
 use crate::artifacts;
 use crate::netns::bind_in_netns;
@@ -203,6 +203,26 @@ impl Topology {
         }
     }
 
+    /// Kills `node`'s agent with SIGKILL (no chance to clean anything up)
+    /// and reaps it.
+    pub fn kill_agent(&self, node: &str) -> Result<()> {
+        let name = format!("agent-{node}");
+        let mut procs = self.procs.lock().unwrap();
+        let i = procs
+            .iter()
+            .position(|p| p.name == name)
+            .ok_or_else(|| anyhow!("no agent for {node}"))?;
+        let mut p = procs.remove(i);
+        drop(procs);
+        if p.child.try_wait()?.is_some() {
+            bail!("the agent of {node} had already exited");
+        }
+        // The agent is the child itself (nsenter execs it), alone in its
+        // process group.
+        kill_group(&mut p.child);
+        Ok(())
+    }
+
     /// Runs `lbctl ARGS --bpffs <node's pin dir>` in the node's namespace.
     pub fn lbctl(&self, node: &str, args: &[&str]) -> Result<String> {
         let n = self.node(node);
@@ -274,6 +294,46 @@ impl Topology {
                 );
             }
             std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The row of `frontend` in `lbctl services -o json` on `node`, if any.
+    pub fn frontend_row(
+        &self,
+        node: &str,
+        frontend: &Frontend,
+    ) -> Result<Option<serde_json::Value>> {
+        let services = self.lbctl_json(node, "services")?;
+        Ok(services
+            .as_array()
+            .and_then(|a| a.iter().find(|s| frontend.matches(s)))
+            .cloned())
+    }
+
+    /// Polls `lbctl services -o json` on `node` until the row of `frontend`
+    /// satisfies `ready` (a flag, its node-local backends, an affinity
+    /// timeout...); returns that row. `what` names the condition in the
+    /// error. Fails fast if the agent died.
+    pub fn wait_for_frontend(
+        &self,
+        node: &str,
+        frontend: &Frontend,
+        what: &str,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + AGENT_TIMEOUT;
+        loop {
+            let last = match self.frontend_row(node, frontend) {
+                Ok(Some(row)) if ready(&row) => return Ok(row),
+                Ok(Some(row)) => row.to_string(),
+                Ok(None) => format!("{frontend} not in lbctl services"),
+                Err(e) => format!("{e:#}"),
+            };
+            self.check_running(&format!("agent-{node}"))?;
+            if Instant::now() >= deadline {
+                bail!("{node}: {frontend}: not {what} within {AGENT_TIMEOUT:?}; last: {last}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 

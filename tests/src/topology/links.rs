@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Result};
 
 use super::processes::{exec_ok, run};
-use super::{Node, Pod, Topology, API_SERVER_IP, BPFFS_ROOT, EXTERNAL_IP};
+use super::{Node, Pod, Topology, API_SERVER_IP, BPFFS_ROOT, EXTERNAL_IP, EXTERNAL_IP_2};
 use crate::netns::NamedNetns;
 
 /// `ip ARGS...` (in the root namespace; `-n NS` reaches into one).
@@ -57,8 +57,13 @@ fn make_kubeadm_like(netns: &str) -> Result<()> {
 
 /// A veth pair: `outer` in namespace `from`, its peer `eth0` in `into`.
 fn veth_to_eth0(from: &str, outer: &str, into: &str) -> Result<()> {
+    veth_pair(from, outer, into, "eth0")
+}
+
+/// A veth pair: `outer` in namespace `from`, its peer `inner` in `into`.
+fn veth_pair(from: &str, outer: &str, into: &str, inner: &str) -> Result<()> {
     ip(&[
-        "-n", from, "link", "add", outer, "type", "veth", "peer", "name", "eth0", "netns", into,
+        "-n", from, "link", "add", outer, "type", "veth", "peer", "name", inner, "netns", into,
     ])
 }
 
@@ -80,6 +85,10 @@ impl Topology {
         link_up(&lan, "br0")?;
         // Where a fake API server listens (cluster-mode tests).
         add_address(&lan, &format!("{API_SERVER_IP}/24"), "br0")?;
+        if self.second_lan.is_some() {
+            ip(&["-n", &lan, "link", "add", "br1", "type", "bridge"])?;
+            link_up(&lan, "br1")?;
+        }
 
         for (i, (name, pods)) in spec.iter().enumerate() {
             let index = u8::try_from(i + 1).expect("at most 200 nodes");
@@ -92,6 +101,11 @@ impl Topology {
                 pod_cidr: format!("10.244.{index}.0/24"),
                 bpffs: Path::new(BPFFS_ROOT).join(format!("{}{name}", self.prefix)),
                 uplink: "eth0".to_string(),
+                second_uplink: self
+                    .second_lan
+                    .as_ref()
+                    .is_some_and(|on| on.is_empty() || on.contains(name))
+                    .then(|| ("eth1".to_string(), Ipv4Addr::new(198, 19, 0, 10 + index))),
                 cgroup: self.cgroup.as_ref().map(|c| c.join(name)),
             };
             self.add_node(&node)?;
@@ -122,6 +136,12 @@ impl Topology {
             ip(&["-n", &lan, "link", "set", "ext", "master", "br0", "up"])?;
             add_address(&ext, &format!("{EXTERNAL_IP}/24"), "eth0")?;
             link_up(&ext, "eth0")?;
+            if self.second_lan.is_some() {
+                veth_pair(&lan, "ext2", &ext, "eth1")?;
+                ip(&["-n", &lan, "link", "set", "ext2", "master", "br1", "up"])?;
+                add_address(&ext, &format!("{EXTERNAL_IP_2}/24"), "eth1")?;
+                link_up(&ext, "eth1")?;
+            }
         }
         // rp_filter off on every interface of the nodes (max(all, iface) applies).
         for n in &self.nodes {
@@ -138,7 +158,8 @@ impl Topology {
     }
 
     /// A node: its namespace made like kubeadm's, the uplink `eth0` whose
-    /// peer (`n<index>`) is on the lan bridge, and the cni0 bridge.
+    /// peer (`n<index>`) is on the lan bridge, the second uplink `eth1`
+    /// (peer `m<index>` on br1) with a second lan, and the cni0 bridge.
     fn add_node(&mut self, node: &Node) -> Result<()> {
         let (lan, netns) = (self.lan.clone(), node.netns.as_str());
         if let Some(cg) = &node.cgroup {
@@ -151,6 +172,13 @@ impl Topology {
         ip(&["-n", &lan, "link", "set", &lan_port, "master", "br0", "up"])?;
         add_address(netns, &format!("{}/24", node.address), "eth0")?;
         link_up(netns, "eth0")?;
+        if let Some((dev, addr)) = &node.second_uplink {
+            let lan_port = format!("m{}", node.index);
+            veth_pair(&lan, &lan_port, netns, dev)?;
+            ip(&["-n", &lan, "link", "set", &lan_port, "master", "br1", "up"])?;
+            add_address(netns, &format!("{addr}/24"), dev)?;
+            link_up(netns, dev)?;
+        }
         ip(&["-n", netns, "link", "add", "cni0", "type", "bridge"])?;
         add_address(netns, &format!("{}/24", node.gateway), "cni0")?;
         link_up(netns, "cni0")

@@ -10,6 +10,13 @@
 //!          route 10.244.2.0/24 via 198.18.0.12         route 10.244.1.0/24 via 198.18.0.11
 //! ```
 //!
+//! With [`TopologyBuilder::second_lan`], a second lan (bridge br1 in the lan
+//! namespace, 198.19.0.0/24) joins every node's second uplink `eth1`
+//! (198.19.0.(10+N)) and the external client's `eth1` (198.19.0.100): nodes
+//! with two uplinks, as on multi-homed machines ([`TopologyBuilder::second_lan_on`]:
+//! only some nodes). The agents still get only `--uplink eth0` unless a
+//! test passes `--uplink eth1` too.
+//!
 //! Every node is made like a kubeadm node: ip_forward=1, rp_filter off,
 //! `net.bridge.bridge-nf-call-iptables=1` and
 //! `iptables -A FORWARD -m conntrack --ctstate INVALID -j DROP`.
@@ -40,6 +47,7 @@
 //! Commands in a node's plain name run in its namespace only, outside that
 //! cgroup (setup, `ss`, `iptables`: nothing of lb applies to them).
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -72,6 +80,10 @@ pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 pub const API_SERVER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The lan subnet of the node uplinks.
 pub const LAN_CIDR: &str = "198.18.0.0/24";
+/// The second lan's subnet ([`TopologyBuilder::second_lan`]).
+pub const SECOND_LAN_CIDR: &str = "198.19.0.0/24";
+/// The external client's address on the second lan.
+pub const EXTERNAL_IP_2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 100);
 /// Default time the `wait_*` helpers wait for the agents.
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(20);
 /// `<node>` + this names a host-network process of the node (see [`host`]).
@@ -102,6 +114,9 @@ pub struct Node {
     /// The agent's pin directory (`--bpffs`).
     pub bpffs: PathBuf,
     pub uplink: String,
+    /// The second uplink (`eth1`) and its address on the second lan, with
+    /// [`TopologyBuilder::second_lan`].
+    pub second_uplink: Option<(String, Ipv4Addr)>,
     /// The node's cgroup v2 directory: the agent's `--cgroup-path`, and where
     /// [`host`] processes run. `None` without a cgroup v2 hierarchy (the
     /// agents then run with `--no-socket-lb`).
@@ -124,6 +139,8 @@ pub struct Pod {
 pub struct TopologyBuilder {
     nodes: Vec<(String, Vec<String>)>,
     no_external: bool,
+    /// The nodes on the second lan (`None`: no second lan; empty: all).
+    second_lan: Option<BTreeSet<String>>,
 }
 
 impl TopologyBuilder {
@@ -142,11 +159,26 @@ impl TopologyBuilder {
         self
     }
 
+    /// Adds a second lan: every node gets a second uplink `eth1`
+    /// (198.19.0.(10+N)/24), the external client an `eth1` (198.19.0.100).
+    pub fn second_lan(mut self) -> Self {
+        self.second_lan = Some(BTreeSet::new());
+        self
+    }
+
+    /// Adds a second lan with only `nodes` on it (each gets an `eth1`, the
+    /// external client too): the other nodes have no route to it, as with
+    /// an edge node's extra network.
+    pub fn second_lan_on(mut self, nodes: &[&str]) -> Self {
+        self.second_lan = Some(nodes.iter().map(|n| n.to_string()).collect());
+        self
+    }
+
     pub fn build(self) -> Result<Topology> {
         if self.nodes.is_empty() || self.nodes.len() > 200 {
             bail!("a topology needs 1..=200 nodes");
         }
-        let mut seen = std::collections::BTreeSet::new();
+        let mut seen = BTreeSet::new();
         for (n, pods) in &self.nodes {
             if !seen.insert(n.clone()) {
                 bail!("duplicate name {n}");
@@ -158,6 +190,14 @@ impl TopologyBuilder {
                 if !seen.insert(p.clone()) {
                     bail!("duplicate name {p}");
                 }
+            }
+        }
+        if let Some(on) = &self.second_lan {
+            if let Some(n) = on
+                .iter()
+                .find(|n| !self.nodes.iter().any(|(name, _)| name == *n))
+            {
+                bail!("second lan: no node {n}");
             }
         }
         crate::privilege::ensure_bpffs().context("mounting bpffs at /sys/fs/bpf")?;
@@ -172,6 +212,7 @@ impl TopologyBuilder {
 
         let cgroup = cgroups::cgroup2_root().map(|r| r.join(prefix.trim_end_matches('-')));
         let mut topo = Topology {
+            second_lan: self.second_lan.clone(),
             cgroup,
             lan: format!("{prefix}lan"),
             external: (!self.no_external).then(|| format!("{prefix}ext")),
@@ -196,6 +237,9 @@ pub struct Topology {
     /// The parent of the nodes' cgroups (`<cgroup2>/lbt<pid>-<n>`).
     cgroup: Option<PathBuf>,
     lan: String,
+    /// The nodes on the second lan (bridge br1 in the lan namespace), all
+    /// when empty; `None` without a second lan.
+    second_lan: Option<BTreeSet<String>>,
     external: Option<String>,
     nodes: Vec<Node>,
     pods: Vec<Pod>,
