@@ -1,13 +1,21 @@
 # syntax=docker/dockerfile:1
 #
-# Image of lb-agent (and lbctl, for `kubectl exec ... lbctl services`).
+# Image of lb-agent (and lbctl, for `kubectl exec ... lbctl services`), for
+# machines with a registry to pull the Rust image from:
 #
 #   docker build -t REGISTRY/lb-agent:0.1.0 .
 #
-# The build stage builds exactly what `cargo xtask build` builds on a developer
-# machine (TOOLCHAIN.md): the eBPF object with nightly + rust-src + bpf-linker
-# linked against the nightly's own LLVM, then lb-agent and lbctl with the
-# object embedded. The runtime stage holds only the two binaries.
+# Without a registry or a daemon, `cargo xtask image` builds the same image
+# with podman (localhost/lb-agent:0.1.0; README, "Image").
+#
+# The build stage runs what `cargo xtask image` runs on a developer machine
+# (TOOLCHAIN.md): the eBPF object with nightly + rust-src + bpf-linker linked
+# against the nightly's own LLVM, then static (musl) lb-agent and lbctl with
+# the object embedded, and the image's root filesystem (target/image/rootfs:
+# the two binaries in /usr/local/bin, the CA bundle in /etc/ssl/certs). The
+# runtime stage is FROM scratch and holds only that rootfs; its instructions
+# are those of the Containerfile `cargo xtask image` writes (xtask/src/image.rs
+# checks that they stay the same).
 
 FROM rust:1.95.0-bookworm AS builder
 
@@ -26,6 +34,13 @@ RUN rustup toolchain install "$RUST_NIGHTLY" --profile minimal --component rust-
  && ln -s "$RUSTUP_HOME/toolchains/$RUST_NIGHTLY-$host" "$RUSTUP_HOME/toolchains/nightly-$host" \
  && rustc +nightly -vV
 
+# Static binaries: the musl target, and musl-gcc for the C and assembly of
+# ring and psm. ca-certificates: the CA bundle the image carries.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends musl-tools ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && rustup target add x86_64-unknown-linux-musl
+
 # bpf-linker against the nightly's libLLVM (no prebuilt one, no system LLVM).
 RUN sysroot=$(rustc +nightly --print sysroot) \
  && lib=$(ls "$sysroot"/lib/libLLVM.so.*-rust-* | head -1) \
@@ -40,19 +55,18 @@ RUN sysroot=$(rustc +nightly --print sysroot) \
 
 WORKDIR /src
 COPY . .
-RUN cargo xtask build
+# target/image/rootfs and target/image/Containerfile, no podman.
+RUN cargo xtask image --context-only
 
 # ---------------------------------------------------------------------------
+# The runtime stage: the Containerfile of `cargo xtask image`, instruction for
+# instruction, with the rootfs taken from the build stage. Static binaries and
+# the CA roots for an API server reached through a kubeconfig (in a pod the
+# service account's CA is used); nothing else: no shell, no libc.
 
-FROM debian:bookworm-slim
-
-# CA roots for an API server reached through a kubeconfig; in a pod the
-# service account's CA is used. Nothing else: the binaries need only glibc.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
- && rm -rf /var/lib/apt/lists/*
-
-COPY --from=builder /src/target/release/lb-agent /src/target/release/lbctl /usr/local/bin/
+FROM scratch
+COPY --from=builder /src/target/image/rootfs/ /
+ENV PATH=/usr/local/bin SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 
 # The agent runs as root (uid 0), on purpose: loading BPF programs, attaching
 # them to the node's interfaces and cgroups and mounting bpffs need CAP_BPF,
@@ -60,4 +74,4 @@ COPY --from=builder /src/target/release/lb-agent /src/target/release/lbctl /usr/
 # privileged). There is no useful unprivileged mode to fall back to.
 USER 0:0
 
-ENTRYPOINT ["lb-agent"]
+ENTRYPOINT ["/usr/local/bin/lb-agent"]

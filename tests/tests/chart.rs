@@ -915,7 +915,10 @@ fn cleanup_manifest_is_a_valid_daemonset() {
     );
 }
 
-/// The Dockerfile cannot be built here (no container engine): check its shape.
+/// The Dockerfile needs a registry (rust:1.95.0-bookworm), so it is not built
+/// here: check its shape. The image it gives is built and run here by
+/// `cargo xtask image` (tests/image.rs), whose Containerfile is the runtime
+/// stage below (xtask/src/image.rs checks that).
 #[test]
 fn dockerfile_is_multi_stage_and_minimal() {
     let text = std::fs::read_to_string(repo_root().join("Dockerfile")).expect("Dockerfile");
@@ -959,15 +962,18 @@ fn dockerfile_is_multi_stage_and_minimal() {
         builder[0]
     );
     let build_text = builder.join("\n");
-    for want in ["rust-src", "bpf-linker", "cargo xtask build", "LLVM_PREFIX"] {
+    for want in [
+        "rust-src",
+        "bpf-linker",
+        "LLVM_PREFIX",
+        "x86_64-unknown-linux-musl",
+        "cargo xtask image --context-only",
+    ] {
         assert!(build_text.contains(want), "the build stage has {want}");
     }
 
     let from = &runtime[0];
-    assert!(
-        from.starts_with("FROM debian:bookworm-slim") || from.contains("distroless/cc"),
-        "small runtime base: {from}"
-    );
+    assert_eq!(from, "FROM scratch", "static binaries, no base image");
     let run_text = runtime.join("\n");
     for tool in [
         "cargo",
@@ -984,14 +990,12 @@ fn dockerfile_is_multi_stage_and_minimal() {
             assert!(!i.contains(tool), "the runtime stage has no {tool}: {i}");
         }
     }
-    for bin in ["lb-agent", "lbctl"] {
-        assert!(
-            runtime.iter().any(|i| keyword(i) == "COPY"
-                && i.contains("--from=builder")
-                && i.contains(&format!("target/release/{bin}"))),
-            "the runtime stage copies {bin} from the builder:\n{run_text}"
-        );
-    }
+    assert!(
+        runtime.iter().any(|i| keyword(i) == "COPY"
+            && i.contains("--from=builder")
+            && i.contains("target/image/rootfs/")),
+        "the runtime stage copies the rootfs of `cargo xtask image` (lb-agent, lbctl, CA bundle) from the builder:\n{run_text}"
+    );
     let entry = runtime
         .iter()
         .rev()

@@ -13,7 +13,7 @@ const EBPF_TARGET: &str = "bpfel-unknown-none";
 /// Rust flags of the eBPF build: debug info + BTF so bpftool prints field names.
 const EBPF_RUSTFLAGS: &str = "-C debuginfo=2 -C link-arg=--btf";
 
-fn ebpf_object() -> PathBuf {
+pub fn ebpf_object() -> PathBuf {
     root_dir()
         .join("target")
         .join(EBPF_TARGET)

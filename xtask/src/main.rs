@@ -7,10 +7,13 @@
 mod bench;
 mod build;
 mod demo;
+mod fuzz;
+mod image;
 mod setup;
 mod test;
 mod util;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -29,8 +32,9 @@ struct Cli {
 enum Cmd {
     /// Install what is missing: nightly rust-src, bpf-linker (built against the
     /// nightly's own LLVM, prefix $CARGO_HOME/lb-llvm), the Debian packages the
-    /// tests use, the Helm SDK of the chart tests (venv $CARGO_HOME/lb-helm-venv);
-    /// mount bpffs at /sys/fs/bpf. Fast when everything is there.
+    /// tests use, the Helm SDK of the chart tests (venv $CARGO_HOME/lb-helm-venv),
+    /// what the image needs (the musl target, podman, musl-tools); mount bpffs
+    /// at /sys/fs/bpf. Fast when everything is there.
     Setup {
         /// Only print what would be installed.
         #[arg(long)]
@@ -66,6 +70,33 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The agent's image, built here (no daemon, no registry, nothing pulled):
+    /// static (musl) lb-agent and lbctl with the eBPF object embedded, and the
+    /// CA roots, in an image FROM scratch built with podman (vfs storage).
+    /// Installs what it needs (musl target, musl-tools, podman) when missing.
+    Image {
+        /// The image's name (default: localhost/lb-agent:<version>).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Also write the image to FILE as an OCI archive (podman save).
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Only build the binaries and the build context (target/image:
+        /// Containerfile, rootfs/), without podman: the Dockerfile's build stage.
+        #[arg(long)]
+        context_only: bool,
+    },
+    /// build-ebpf, then the packet fuzzer (tests/tests/fuzz.rs) for many
+    /// frames: random and malformed frames through every TC program under
+    /// BPF_PROG_TEST_RUN (root). CI runs the same test with 2,000.
+    Fuzz {
+        /// How many frames (each through all four programs).
+        #[arg(long, default_value_t = 200_000)]
+        cases: u32,
+        /// The generator's seed (printed; default: from the clock).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -81,6 +112,12 @@ fn main() -> ExitCode {
         } => test::test(no_setup, no_lint, only),
         Cmd::Demo => demo::demo(),
         Cmd::Bench { args } => bench::bench(&args),
+        Cmd::Fuzz { cases, seed } => fuzz::fuzz(cases, seed),
+        Cmd::Image {
+            tag,
+            output,
+            context_only,
+        } => image::image(tag, output, context_only),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,9 @@
 //! `cargo xtask setup`: installs what is missing, each part checked first so a
 //! second run does nothing: nightly rust-src and the clippy/rustfmt components,
 //! bpf-linker (built against the nightly's own LLVM), the Debian packages the
-//! tests use, the Helm SDK of the chart tests; mounts bpffs at /sys/fs/bpf.
+//! tests use, the Helm SDK of the chart tests, what `cargo xtask image` needs
+//! (the musl target, musl-tools, podman, the CA bundle); mounts bpffs at
+//! /sys/fs/bpf.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -38,6 +40,15 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3",      // backend servers in pod namespaces
     "procps",       // ps, sysctl
 ];
+/// The Rust target of the image's static binaries (`cargo xtask image`).
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+/// Debian packages `cargo xtask image` (and tests/tests/image.rs) needs: podman
+/// builds and mounts the image without a daemon; musl-tools is the C compiler
+/// (musl-gcc) of the C and assembly in ring and psm for the musl target;
+/// ca-certificates is the CA bundle the image carries. Without recommends: no
+/// slirp4netns, fuse-overlayfs or uidmap, which a rootful build with vfs
+/// storage and no RUN step never uses.
+const IMAGE_PACKAGES: &[&str] = &["podman", "musl-tools", "ca-certificates"];
 
 pub fn setup(dry_run: bool) -> Result<()> {
     section("setup");
@@ -45,6 +56,7 @@ pub fn setup(dry_run: bool) -> Result<()> {
     let started = Instant::now();
     setup_rust_components(dry_run)?;
     setup_bpf_linker(dry_run)?;
+    setup_musl_target(dry_run)?;
     setup_debian_packages(dry_run)?;
     setup_helm_sdk(dry_run)?;
     setup_bpffs(dry_run)?;
@@ -209,14 +221,27 @@ fn debian_package_installed(pkg: &str) -> bool {
         .is_some_and(|s| s.trim() == "install ok installed")
 }
 
+/// The tests' packages and the image's (tests/tests/image.rs builds one), in
+/// one apt-get run.
 fn setup_debian_packages(dry_run: bool) -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    let all: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .chain(IMAGE_PACKAGES)
+        .copied()
+        .collect();
+    install_debian_packages(&all, dry_run)
+}
+
+/// Installs those of `packages` that are missing (apt-get update first, no
+/// recommends); nothing runs when all are installed.
+fn install_debian_packages(packages: &[&str], dry_run: bool) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !debian_package_installed(p))
         .collect();
     if missing.is_empty() {
-        println!("ok: Debian packages ({})", DEBIAN_PACKAGES.join(" "));
+        println!("ok: Debian packages ({})", packages.join(" "));
         return Ok(());
     }
     println!("missing Debian packages: {}", missing.join(" "));
@@ -241,6 +266,55 @@ fn setup_debian_packages(dry_run: bool) -> Result<()> {
     update.run()?;
     install.run()?;
     Ok(())
+}
+
+/// True when the standard library of `target` is installed for the toolchain
+/// that builds userspace (rust-toolchain.toml's, resolved from the repository).
+fn rust_target_installed(target: &str) -> bool {
+    cmd("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .is_some_and(|sysroot| {
+            Path::new(sysroot.trim())
+                .join("lib/rustlib")
+                .join(target)
+                .join("lib")
+                .is_dir()
+        })
+}
+
+/// The musl target of the stable toolchain (a rustup component, a few
+/// seconds): the image's static binaries.
+fn setup_musl_target(dry_run: bool) -> Result<()> {
+    if rust_target_installed(MUSL_TARGET) {
+        println!("ok: Rust target {MUSL_TARGET}");
+        return Ok(());
+    }
+    let add = cmd("rustup").args(["target", "add", MUSL_TARGET]);
+    if dry_run {
+        println!("would run: {}", add.display().trim_start_matches("+ "));
+        return Ok(());
+    }
+    add.run()?;
+    if !rust_target_installed(MUSL_TARGET) {
+        bail!("`rustup target add {MUSL_TARGET}` ran but its standard library is missing");
+    }
+    Ok(())
+}
+
+/// What `cargo xtask image` needs, each checked first: the musl target,
+/// musl-gcc, the CA bundle and (`with_podman`) podman. `setup` installs the
+/// same (the image test is part of the suite); `cargo xtask image` runs only
+/// this part, not the whole setup, and `--context-only` (the Dockerfile's
+/// build stage) needs no podman.
+pub fn setup_image_tools(dry_run: bool, with_podman: bool) -> Result<()> {
+    setup_musl_target(dry_run)?;
+    let packages: Vec<&str> = IMAGE_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| with_podman || *p != "podman")
+        .collect();
+    install_debian_packages(&packages, dry_run)
 }
 
 /// True when `python` runs and imports the Helm SDK.
