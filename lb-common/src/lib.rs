@@ -254,9 +254,13 @@ pub const CT_DIR_REPLY: u8 = 1;
 
 /// Conntrack flags (`ConntrackEntry::flags`).
 pub mod ct_flags {
-    /// The flow is also source-NATed to the node (NodePort to a remote backend):
-    /// forward packets get source `snat_addr:snat_port`; replies get destination
-    /// `snat_addr:snat_port` (the original client) and are redirected out.
+    /// The flow's source is rewritten too: forward packets get source
+    /// `snat_addr:snat_port`; replies get destination `snat_addr:snat_port`
+    /// (the original client). Without `PORT_REMAP`, the flow is SNAT'ed to a
+    /// node address (M1, M2, a remote backend) or the hairpin address (M4),
+    /// and the datapath forwards both directions itself (FIB redirect, or a
+    /// hairpin reflection): its replies are caught at ingress. With
+    /// `PORT_REMAP`, only the client's port changes (C2).
     pub const SNAT: u16 = 1 << 0;
     /// A packet was seen in the reply direction.
     pub const SEEN_REPLY: u16 = 1 << 1;
@@ -335,10 +339,12 @@ pub struct NodeAddrValue {
     pub flags: u32,
 }
 
-/// The address flows SNAT'ed on an uplink get as source when the client did
-/// not address the node itself (externalIPs and LoadBalancer IPs the node does
-/// not own): the uplink's primary IPv4 address, network byte order. Keyed by
-/// the uplink's ifindex.
+/// An uplink's primary IPv4 address, network byte order, keyed by the
+/// uplink's ifindex: the SNAT source of a flow to a remote backend whose
+/// route leaves by this uplink (M2); and of a flow that arrived on it when
+/// the client did not address the node itself (externalIPs and LoadBalancer
+/// IPs the node does not own), to a local backend or to a remote one whose
+/// egress interface has no address here.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct UplinkAddr {
@@ -540,9 +546,10 @@ pub struct DatapathConfig {
     pub ct_tcp_transient_ns: u64,
     /// Idle lifetime of a UDP flow.
     pub ct_udp_ns: u64,
-    /// Source ports for SNAT of NodePort flows to remote backends, host order.
-    /// Outside the kernel's default ephemeral range (32768-60999) so they do
-    /// not collide with the node's own sockets.
+    /// Source ports of SNAT'ed flows (M1, M2, remote backends, M4) and the
+    /// remapped client ports of C2, host order. Outside the kernel's default
+    /// ephemeral range (32768-60999) so they do not collide with the node's
+    /// own sockets.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
     /// M1: traffic to a ClusterIP from outside this IPv4 CIDR (network order
@@ -587,8 +594,9 @@ impl DatapathConfig {
             && addr & self.cluster_cidr_mask != self.cluster_cidr_addr & self.cluster_cidr_mask
     }
 
-    /// Idle lifetime of a conntrack entry of protocol `proto` with `flags`
-    /// (`ct_flags`). The datapath ignores a FORWARD entry idle for longer; the
+    /// Idle lifetime of a flow of protocol `proto` with state `flags`
+    /// (`ct_flags`), as [`DatapathConfig::flow_expired`] applies it to both
+    /// entries of a flow: the datapath then treats the flow as new, the
     /// agent's garbage collector deletes it. One definition for both sides.
     #[inline(always)]
     pub fn ct_lifetime_ns(&self, proto: u8, flags: u16) -> u64 {
@@ -726,7 +734,8 @@ pub enum StatReason {
     ReplyTranslated = 4,
     /// Passed unchanged: not IPv4 (ARP, IPv6, ...).
     PassNotIpv4 = 5,
-    /// Passed unchanged: neither TCP nor UDP.
+    /// Passed unchanged: neither TCP nor UDP (ICMP included, unless it is
+    /// an error about a translated flow, C3).
     PassOtherProto = 6,
     /// Passed unchanged: a later fragment (no L4 header) of a datagram
     /// whose first fragment passed unchanged (C4).
@@ -735,21 +744,31 @@ pub enum StatReason {
     PassIpOptions = 8,
     /// Passed unchanged: header shorter than it claims.
     PassTruncated = 9,
-    /// Dropped: the service has no usable backend.
+    /// Dropped: the node-local set this flow must use is empty while the
+    /// port has endpoints elsewhere (E2); or an E1 packet that must not be
+    /// answered (a TCP reset, a sender that is not unicast).
     DropNoBackend = 10,
     /// Dropped: a slot pointed at a missing backend (agent mid-update).
     DropBackendMissing = 11,
-    /// Dropped: conntrack insert failed (map full).
+    /// Dropped: a conntrack insert failed (other than on a taken key).
     DropConntrackFull = 12,
     /// Dropped: rewriting the packet failed.
     DropRewriteFailed = 13,
-    /// Dropped: no free SNAT port.
+    /// Dropped: no free port in the SNAT range (a SNAT port, or a
+    /// remapped client port, C2) within the probes.
     DropSnatExhausted = 14,
-    /// Dropped: no route/neighbour for a redirected packet.
+    /// Dropped: a packet the datapath forwards itself found no usable route;
+    /// or it cannot be forwarded (TTL <= 1, too big for the route) and must
+    /// not be answered with an ICMP error: an ICMP error, a later fragment,
+    /// a hairpin packet, a sender that cannot be answered (C3).
     DropFibFailed = 15,
-    /// Packet redirected out of an interface (SNAT'ed NodePort flows).
+    /// Sent out with bpf_redirect / bpf_redirect_neigh: packets of SNAT'ed
+    /// flows in both directions (FIB redirect), hairpins (M4), and the ICMP
+    /// errors (C3) and later fragments (C4) of such flows. E1 answers count
+    /// `RejectNoEndpoint`, the ICMP answers of C3 their own counters.
     Redirected = 16,
-    /// Conntrack entry found but expired; treated as a new flow.
+    /// A known flow whose two entries were both idle past its lifetime
+    /// (C1); the packet was treated as a new flow.
     ConntrackExpired = 17,
     /// Dropped: a flow to SNAT arrived on an uplink with no known address.
     DropNoSnatAddress = 18,

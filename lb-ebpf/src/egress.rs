@@ -3,9 +3,15 @@
 //! A reply of a flow this node translated leaves through the interface
 //! towards the client with the backend's address as source; put the
 //! frontend's address back (and, for a flow whose client port was remapped,
-//! C2, the client's port). ICMP errors toward such a client about its
-//! flow's packets are translated here too (C3). SNAT'ed flows never get
-//! here: their replies come back in on the uplink (see `ingress`).
+//! C2, the client's port). Both entries of the flow are refreshed, a missing
+//! FORWARD entry rebuilt (C1). ICMP errors toward such a client about its
+//! flow's packets are translated here too (C3), and later fragments get
+//! what their first fragment got (C4). Every packet that continues,
+//! translated or not, returns TCX_NEXT / TC_ACT_UNSPEC (C5). Replies of
+//! SNAT'ed flows (to a node address or the hairpin address) are not
+//! translated here: they are caught at the ingress of the interface they
+//! arrive on (the uplink, or the backend pod's interface) and redirected
+//! (see `ingress`).
 
 use aya_ebpf::programs::TcContext;
 use lb_common::{ct_flags, StatReason, CT_DIR_REPLY, FRAG_DIR_EGRESS};

@@ -20,8 +20,9 @@ use lb_common::{
 
 /// Maps written only by the agent are allocated on demand: preallocating
 /// several hundred thousand entries that a node rarely uses would pin tens of
-/// megabytes of kernel memory. Conntrack and affinity are LRU maps, which are
-/// always preallocated (the datapath inserts into them).
+/// megabytes of kernel memory. Conntrack, fragments, affinity and socket
+/// entries are LRU maps, which are always preallocated (the datapath inserts
+/// into them).
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
 /// Frontends: (address, port, protocol, scope) -> service.
@@ -43,7 +44,8 @@ pub static LB_BACKEND_SLOTS: HashMap<
 pub static LB_BACKENDS: HashMap<u32, BackendValue, { MAX_BACKENDS as usize }, NO_PREALLOC> =
     HashMap::new();
 
-/// Both directions of every translated flow.
+/// Both directions of every translated flow (and of direct flows whose
+/// source port was remapped, C2).
 #[btf_map]
 pub static LB_CONNTRACK: LruHashMap<ConntrackKey, ConntrackEntry, { MAX_CONNTRACK as usize }> =
     LruHashMap::new();
@@ -63,8 +65,9 @@ pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as
 #[btf_map]
 pub static LB_NODE_ADDRS: HashMap<u32, NodeAddrValue, { MAX_NODE_ADDRS as usize }> = HashMap::new();
 
-/// Uplink ifindex -> its primary address: the SNAT source for flows whose
-/// frontend is not a node address (externalIPs, LoadBalancer IPs).
+/// Uplink ifindex -> its primary address: the SNAT source of flows to remote
+/// backends whose route leaves by that uplink (M2), and of flows that arrived
+/// on it whose frontend is not a node address (externalIPs, LoadBalancer IPs).
 #[btf_map]
 pub static LB_UPLINK_ADDRS: HashMap<u32, UplinkAddr, { MAX_UPLINKS as usize }> = HashMap::new();
 
@@ -110,8 +113,10 @@ pub static LB_SERVICE_NAMES: HashMap<
 > = HashMap::new();
 
 /// The layout version of the maps (`lb_common::LAYOUT_VERSION`), written by
-/// the agent when it creates the maps: an agent that finds pinned maps of
-/// another layout migrates or refuses them instead of misreading them.
+/// the agent after it loads the object: an agent that finds pinned maps of
+/// another layout (or of another shape or size) refuses them, naming the map
+/// (or the pin directory) and the command that starts over, instead of
+/// misreading them. There is no migration.
 #[btf_map]
 pub static LB_LAYOUT: Array<u32, 1> = Array::new();
 
