@@ -1227,3 +1227,6 @@ mod tests {
         assert_eq!(bad.parts(), None);
     }
 }
+
+/// `lbctl monitor`: datapath events and their load-time switch.
+pub mod monitor;

@@ -9,6 +9,7 @@
 //! | `parse`     | Ethernet/IPv4/TCP/UDP parsing into [`parse::Packet`]      |
 //! | `csum`      | header offsets, incremental L3/L4 checksum rewrites       |
 //! | `maps`      | every map and the `LB_CONFIG` global                      |
+//! | `monitor`   | `lbctl monitor` events and debug lines (load-time switch) |
 //! | `stats`     | per-CPU counters by `lb_common::StatReason`               |
 //! | `conntrack` | keys, expiry, TCP state bits, entry updates, SNAT ports   |
 //! | `service`   | frontend lookup (exact, then NodePort wildcard)           |
@@ -31,6 +32,7 @@ mod frag;
 mod icmp;
 mod ingress;
 mod maps;
+mod monitor;
 mod nat;
 mod parse;
 mod reject;
@@ -42,6 +44,7 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier},
     programs::{SockAddrContext, TcContext},
 };
+use lb_common::monitor::hook;
 
 /// Where a program is attached. Passed as a constant so every program is
 /// specialised at compile time.
@@ -57,28 +60,40 @@ pub enum Hook {
 #[classifier]
 pub fn lb_pod_ingress(ctx: TcContext) -> i32 {
     maps::keep_unread_maps();
-    ingress::run(&ctx, Hook::Pod)
+    monitor::begin(&ctx, hook::POD_INGRESS);
+    let verdict = ingress::run(&ctx, Hook::Pod);
+    monitor::finish(&ctx, verdict);
+    verdict
 }
 
 /// TC egress on a pod's host-side veth: packets delivered to the pod.
 #[classifier]
 pub fn lb_pod_egress(ctx: TcContext) -> i32 {
     maps::keep_unread_maps();
-    egress::run(&ctx)
+    monitor::begin(&ctx, hook::POD_EGRESS);
+    let verdict = egress::run(&ctx);
+    monitor::finish(&ctx, verdict);
+    verdict
 }
 
 /// TC ingress on an uplink: packets from outside the node.
 #[classifier]
 pub fn lb_uplink_ingress(ctx: TcContext) -> i32 {
     maps::keep_unread_maps();
-    ingress::run(&ctx, Hook::Uplink)
+    monitor::begin(&ctx, hook::UPLINK_INGRESS);
+    let verdict = ingress::run(&ctx, Hook::Uplink);
+    monitor::finish(&ctx, verdict);
+    verdict
 }
 
 /// TC egress on an uplink: packets leaving the node.
 #[classifier]
 pub fn lb_uplink_egress(ctx: TcContext) -> i32 {
     maps::keep_unread_maps();
-    egress::run(&ctx)
+    monitor::begin(&ctx, hook::UPLINK_EGRESS);
+    let verdict = egress::run(&ctx);
+    monitor::finish(&ctx, verdict);
+    verdict
 }
 
 /// cgroup/connect4 (F2): a host-network socket's connect() to a frontend

@@ -24,7 +24,12 @@ fn get(key: &ServiceKey) -> Option<ServiceValue> {
 /// addresses (SEMANTICS F4). TCP and UDP are separate keys (F9).
 #[inline(always)]
 pub fn lookup(pkt: &Packet) -> Option<ServiceValue> {
-    lookup_dest(pkt.daddr, pkt.dport, pkt.proto)
+    let found = lookup_dest(pkt.daddr, pkt.dport, pkt.proto);
+    if let Some(v) = &found {
+        // The service an event of this packet names (lbctl monitor).
+        crate::monitor::note_service(v.service_id);
+    }
+    found
 }
 
 /// [`lookup`] by destination (address and port in network order, IP

@@ -7,6 +7,7 @@
 //! - [`netns`]: fresh private and named network namespaces;
 //! - [`packet`]: frames with correct checksums, and their verification;
 //! - [`datapath`]: the eBPF object loaded for BPF_PROG_TEST_RUN, typed maps;
+//! - [`monitor`]: the same with the `lbctl monitor` switch, its events;
 //! - [`objects`]: the Kubernetes objects tests give the agent, typed;
 //! - [`topology`]: emulated kubeadm-like nodes, pods and an external client
 //!   in network namespaces, with one agent per node.
@@ -15,6 +16,7 @@
 
 pub mod artifacts;
 pub mod datapath;
+pub mod monitor;
 pub mod netns;
 pub mod objects;
 pub mod packet;

@@ -626,6 +626,8 @@ fn custom_values_reach_the_objects() {
             "--log-level=debug",
             "--cluster-cidr=10.244.0.0/16",
             "--hairpin-address=169.254.1.1",
+            "--monitor",
+            "--datapath-debug-log",
             "--max-conntrack=1048576",
             "--max-frontends=65536",
             "--cgroup-path=/run/lb/cgroupv2/unified",

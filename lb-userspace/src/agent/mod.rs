@@ -82,6 +82,8 @@ pub struct Settings {
     /// in cluster mode).
     pub poll_interval: Duration,
     pub conntrack_gc_interval: Duration,
+    /// `--monitor` and `--datapath-debug-log`.
+    pub observe: crate::dataplane::Observe,
 }
 
 /// F2: which processes get socket-level load balancing.
@@ -260,8 +262,13 @@ impl Agent {
         } else {
             0
         };
-        let mut dp = Dataplane::load(&settings.bpffs, &settings.datapath, &settings.map_sizes)
-            .with_context(|| format!("loading the datapath into {}", settings.bpffs.display()))?;
+        let mut dp = Dataplane::load(
+            &settings.bpffs,
+            &settings.datapath,
+            &settings.map_sizes,
+            &settings.observe,
+        )
+        .with_context(|| format!("loading the datapath into {}", settings.bpffs.display()))?;
         match dp
             .sync_socket_lb(cgroup.as_deref())
             .map_err(|e| anyhow::anyhow!(error_chain(&e)))

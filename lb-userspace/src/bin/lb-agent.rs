@@ -121,6 +121,17 @@ struct Args {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides.
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Datapath events (drops with their reason, rejects, new translations,
+    /// conntrack evictions) into a ring buffer pinned under --bpffs, for
+    /// `lbctl monitor`. Off: the verifier removes the code, no per-packet
+    /// cost; changing it takes a restart.
+    #[arg(long)]
+    monitor: bool,
+    /// Debug lines from the datapath (aya-log: each event above, as text),
+    /// logged at debug level under the target `datapath` (add
+    /// `--log-level=info,datapath=debug`). Off: no per-packet cost.
+    #[arg(long)]
+    datapath_debug_log: bool,
     /// Detach and unpin everything under --bpffs, then exit.
     #[arg(long)]
     cleanup: bool,
@@ -204,6 +215,10 @@ fn main() -> Result<()> {
         sync_period: args.sync_period,
         poll_interval: args.poll_interval,
         conntrack_gc_interval: args.conntrack_gc_interval,
+        observe: dataplane::Observe {
+            events: args.monitor,
+            debug_log: args.datapath_debug_log,
+        },
     };
     // Two workers: the watchers decode lists (JSON) while the main loop
     // programs; more would only contend on a small node.

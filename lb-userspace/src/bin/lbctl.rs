@@ -1,10 +1,16 @@
 //! lbctl: reads lb's pinned maps and prints what the datapath is doing.
 
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use lb_core::desired::ServicePortName;
 use lb_userspace::dataplane::{self, AgentMaps, DatapathMaps};
+use lb_userspace::observe::monitor;
 use lb_userspace::observe::views as inspect;
 
 #[derive(Parser, Debug)]
@@ -36,6 +42,33 @@ enum Command {
     Conntrack,
     /// Datapath counters by verdict and drop reason, summed over CPUs.
     Stats,
+    /// Stream datapath events (drops with their reason, rejects, new
+    /// translations, conntrack evictions) until interrupted. Needs the
+    /// agent's --monitor; one reader per node (the kernel's ring buffer has
+    /// a single consumer: two readers would each see part of the events).
+    Monitor(MonitorArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct MonitorArgs {
+    /// Only events of this kind (repeatable): drop, reject, translate, evict.
+    #[arg(long = "type", value_name = "KIND", value_parser = monitor::parse_kind)]
+    kinds: Vec<u8>,
+    /// Only events of this Service, or of one of its ports (by port name,
+    /// or by the frontend port number).
+    #[arg(long, value_name = "NS/NAME[:PORT]", value_parser = monitor::ServiceMatch::parse)]
+    service: Option<monitor::ServiceMatch>,
+    /// Only events whose source or destination, before or after
+    /// translation, is this address.
+    #[arg(long, value_name = "IP")]
+    addr: Option<std::net::Ipv4Addr>,
+    /// Only events for this reason (a counter name of `lbctl stats`, e.g.
+    /// drop_no_backend, reject_no_endpoint).
+    #[arg(long, value_name = "NAME", value_parser = monitor::parse_reason)]
+    reason: Option<lb_common::StatReason>,
+    /// One JSON object per line (same as -o json).
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> Result<()> {
@@ -149,6 +182,105 @@ fn main() -> Result<()> {
                     println!("{:<24} {v}", r.name());
                 }
             }
+        }
+        Command::Monitor(m) => {
+            let filter = monitor::Filter {
+                kinds: m.kinds,
+                service: m.service,
+                addr: m.addr,
+                reason: m.reason,
+            };
+            return run_monitor(dir, &filter, json || m.json);
+        }
+    }
+    Ok(())
+}
+
+/// Set by SIGINT/SIGTERM: `lbctl monitor` stops after the event at hand.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// Service id -> name, from the pinned LB_SERVICE_NAMES (empty when it
+/// cannot be read: events then show ids).
+fn service_names(dir: &Path) -> BTreeMap<u32, ServicePortName> {
+    AgentMaps::open_pinned(dir)
+        .and_then(|m| m.read_contents())
+        .map(|c| c.names)
+        .unwrap_or_default()
+}
+
+/// CLOCK_REALTIME - CLOCK_BOOTTIME in ns: turns an event's
+/// bpf_ktime_get_boot_ns() into wall-clock time.
+fn boot_to_wall_ns() -> u64 {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    wall.saturating_sub(inspect::boottime_ns())
+}
+
+fn ifname(index: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return format!("ifindex-{index}");
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn run_monitor(dir: &Path, filter: &monitor::Filter, json: bool) -> Result<()> {
+    let mut reader = monitor::Reader::open(dir)?;
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    let handler: extern "C" fn(libc::c_int) = on_signal;
+    unsafe {
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+    }
+    let mut names = service_names(dir);
+    let mut names_read = Instant::now();
+    let offset = boot_to_wall_ns();
+    let mut ifnames: HashMap<u32, String> = HashMap::new();
+    eprintln!("lbctl monitor: reading {} (Ctrl-C stops)", dir.display());
+    let mut out = std::io::stdout().lock();
+    while !STOP.load(Ordering::Relaxed) {
+        while let Some(ev) = reader.next_event() {
+            let ev = ev?;
+            // A service programmed after the names were read: read them
+            // again, at most once a second.
+            if ev.service_id != 0
+                && !names.contains_key(&ev.service_id)
+                && names_read.elapsed() > Duration::from_secs(1)
+            {
+                names = service_names(dir);
+                names_read = Instant::now();
+            }
+            if !filter.matches(&ev, &names) {
+                continue;
+            }
+            let iface = ifnames
+                .entry(ev.ifindex)
+                .or_insert_with(|| ifname(ev.ifindex))
+                .clone();
+            let row = monitor::row(&ev, &names, ev.ts_ns + offset, &|_| iface.clone());
+            let text = if json {
+                serde_json::to_string(&row)?
+            } else {
+                monitor::line(&row)
+            };
+            writeln!(out, "{text}")?;
+            out.flush()?;
+        }
+        if !reader.wait(500)? && !reader.still_on() {
+            anyhow::bail!(
+                "the agent turned monitoring off (its ring buffer pin is gone): restart it with --monitor"
+            );
         }
     }
     Ok(())

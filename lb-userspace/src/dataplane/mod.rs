@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod conntrack_gc;
 pub mod layout;
 pub mod maps;
+pub mod monitor;
 pub mod netlink;
 pub mod sockets;
 mod sys;
@@ -32,6 +33,7 @@ use tracing::{debug, info, warn};
 
 pub use layout::MapSizes;
 pub use maps::{AgentMaps, DatapathMaps, MapsError};
+pub use monitor::Observe;
 
 use netlink::Link;
 
@@ -79,6 +81,8 @@ pub enum DataplaneError {
     Maps(#[from] MapsError),
     #[error("socket-level load balancing: {0}")]
     SocketLb(String),
+    #[error("datapath debug log (--datapath-debug-log): {0}")]
+    DebugLog(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DataplaneError + '_ {
@@ -270,11 +274,13 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    /// Loads the embedded object, reusing maps already pinned under `dir`.
+    /// Loads the embedded object, reusing maps already pinned under `dir`,
+    /// with the monitoring and debug-log switches of `observe`.
     pub fn load(
         dir: &Path,
         config: &DatapathConfig,
         sizes: &MapSizes,
+        observe: &Observe,
     ) -> Result<Self, DataplaneError> {
         ensure_bpffs(dir)?;
         // Never misread maps of another layout (an older or newer agent's),
@@ -290,7 +296,12 @@ impl Dataplane {
         for (name, n) in sizes.by_map() {
             loader.map_max_entries(name, n);
         }
+        let switches = observe.switches();
+        monitor::configure(&mut loader, dir, observe, &switches)?;
         let mut ebpf = loader.load(EBPF_OBJECT)?;
+        if observe.debug_log {
+            monitor::start_debug_log(&mut ebpf)?;
+        }
         for name in program_names::ALL {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -529,6 +540,7 @@ pub fn cleanup(dir: &Path) -> Result<(), DataplaneError> {
         }
         std::fs::remove_dir(&links).map_err(io_err(&links))?;
     }
+    monitor::remove_pin(&monitor::events_pin(dir))?;
     for name in map_names::ALL {
         let p = dir.join(name);
         match std::fs::remove_file(&p) {
