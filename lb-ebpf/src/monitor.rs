@@ -209,16 +209,17 @@ fn finish_slow(ctx: &TcContext, verdict: i32) {
         return;
     }
     n.kinds = 0;
+    // SAFETY: a helper without arguments.
     n.ev.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
-    let on = |k: u8| kinds & (1 << k) != 0;
+    let noted = |k: u8| kinds & (1 << k) != 0;
     // A drop is an event only when the packet really was dropped.
-    if on(kind::DROP) && verdict == TC_ACT_SHOT {
+    if noted(kind::DROP) && verdict == TC_ACT_SHOT {
         emit(ctx, n, kind::DROP, n.drop_reason);
     }
-    if on(kind::REJECT) {
+    if noted(kind::REJECT) {
         emit(ctx, n, kind::REJECT, StatReason::RejectNoEndpoint as u32);
     }
-    if on(kind::TRANSLATE) {
+    if noted(kind::TRANSLATE) {
         let (proto, saddr, daddr, sport, dport) = tuple(ctx);
         // The first packet of a new flow that was answered instead (an
         // ICMP error, C3) left as something else: no "after" tuple.
@@ -234,7 +235,7 @@ fn finish_slow(ctx: &TcContext, verdict: i32) {
         n.ev.nat_sport = 0;
         n.ev.nat_dport = 0;
     }
-    if on(kind::EVICT) {
+    if noted(kind::EVICT) {
         emit(ctx, n, kind::EVICT, StatReason::ConntrackPeerMissing as u32);
     }
 }
