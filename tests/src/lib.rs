@@ -8,6 +8,7 @@
 //! - [`packet`]: frames with correct checksums, and their verification;
 //! - [`datapath`]: the eBPF object loaded for BPF_PROG_TEST_RUN, typed maps;
 //! - [`objects`]: the Kubernetes objects tests give the agent, typed;
+//! - [`load`]: long-lived and new connections through a restart, counted;
 //! - [`topology`]: emulated kubeadm-like nodes, pods and an external client
 //!   in network namespaces, with one agent per node.
 //!
@@ -15,6 +16,7 @@
 
 pub mod artifacts;
 pub mod datapath;
+pub mod load;
 pub mod netns;
 pub mod objects;
 pub mod packet;
