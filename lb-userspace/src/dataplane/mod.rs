@@ -20,6 +20,8 @@ pub mod maps;
 pub mod netlink;
 pub mod sockets;
 mod sys;
+#[cfg(test)]
+mod test_netns;
 
 use std::collections::BTreeMap;
 use std::io;
