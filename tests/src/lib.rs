@@ -9,6 +9,7 @@
 //! - [`datapath`]: the eBPF object loaded for BPF_PROG_TEST_RUN, typed maps;
 //! - [`monitor`]: the same with the `lbctl monitor` switch, its events;
 //! - [`objects`]: the Kubernetes objects tests give the agent, typed;
+//! - [`load`]: long-lived and new connections through a restart, counted;
 //! - [`topology`]: emulated kubeadm-like nodes, pods and an external client
 //!   in network namespaces, with one agent per node.
 //!
@@ -16,6 +17,7 @@
 
 pub mod artifacts;
 pub mod datapath;
+pub mod load;
 pub mod monitor;
 pub mod netns;
 pub mod objects;

@@ -1075,3 +1075,103 @@ fn readme_documents_every_value() {
     walk("", &values, &rows, &mut problems);
     assert!(problems.is_empty(), "{problems:#?}");
 }
+
+/// agent.tcAttach becomes `--tc-attach` right after `--bpffs`; empty (the
+/// default) leaves it out (the agent's own default, auto); anything but
+/// auto, tcx or netlink is refused at render time.
+#[test]
+fn tc_attach_value_becomes_the_flag_and_bad_values_are_refused() {
+    let default_args = render_release(None)
+        .agent()
+        .args
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        !default_args.iter().any(|a| a.starts_with("--tc-attach")),
+        "{default_args:?}"
+    );
+    let tmp = TempDir::new("tcattach");
+    for mode in ["auto", "tcx", "netlink"] {
+        let values = tmp.write(
+            &format!("{mode}.yaml"),
+            &format!("agent:\n  tcAttach: {mode}\n"),
+        );
+        let r = render_release(Some(&values));
+        let args = r.agent().args.clone().unwrap_or_default();
+        let at = args
+            .iter()
+            .position(|a| a.starts_with("--bpffs="))
+            .expect("--bpffs");
+        assert_eq!(
+            args.get(at + 1).map(String::as_str),
+            Some(format!("--tc-attach={mode}").as_str()),
+            "{args:?}"
+        );
+    }
+    let values = tmp.write("bad.yaml", "agent:\n  tcAttach: clsact\n");
+    match render(&chart_dir(), Some(&values)) {
+        Ok(_) => panic!("agent.tcAttach=clsact should be refused"),
+        Err(e) => assert!(e.contains("agent.tcAttach"), "{e}"),
+    }
+}
+
+/// The cleanup DaemonSet undoes what the chart's agent does on a node: the
+/// same image, the same pin directory (`--cleanup --bpffs` = the agent's
+/// `--bpffs`) on the same host bpffs, and the node's network namespace
+/// (hostNetwork: clsact filters and qdiscs are found on the node's
+/// interfaces), privileged as root.
+#[test]
+fn cleanup_manifest_matches_what_the_chart_runs() {
+    let r = render_release(None);
+    let agent = r.agent();
+    let agent_bpffs = agent
+        .args
+        .iter()
+        .flatten()
+        .find(|a| a.starts_with("--bpffs="))
+        .cloned()
+        .expect("the agent's --bpffs");
+    let agent_mount = agent
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "bpffs")
+        .expect("the agent's bpffs mount");
+
+    let path = repo_root().join("charts/lb-agent-cleanup.yaml");
+    let text = std::fs::read_to_string(&path).expect("charts/lb-agent-cleanup.yaml");
+    let v: Value = serde_saphyr::from_str(&text).expect("YAML");
+    let ds: DaemonSet = typed(&v).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.host_network, r.pod().host_network);
+    assert_eq!(pod.host_network, Some(true));
+    let c = &pod.init_containers.as_deref().unwrap_or_default()[0];
+    assert_eq!(c.image, agent.image, "the chart's image (set both alike)");
+    let args: Vec<&str> = c.args.iter().flatten().map(String::as_str).collect();
+    assert!(args.contains(&"--cleanup"), "{args:?}");
+    assert!(
+        args.contains(&agent_bpffs.as_str()),
+        "{args:?} vs {agent_bpffs}"
+    );
+    let sc = c.security_context.as_ref().expect("securityContext");
+    assert_eq!((sc.privileged, sc.run_as_user), (Some(true), Some(0)));
+    let m = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == agent_mount.mount_path)
+        .expect("the host bpffs, where the agent mounts it");
+    assert_eq!(m.mount_propagation, agent_mount.mount_propagation);
+    let host_path = |p: &PodSpec, name: &str| {
+        p.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == name)
+            .and_then(|v| v.host_path.as_ref())
+            .map(|h| h.path.clone())
+    };
+    assert_eq!(
+        host_path(&pod, &m.name),
+        host_path(r.pod(), &agent_mount.name)
+    );
+}

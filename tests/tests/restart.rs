@@ -7,8 +7,9 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use lb_tests::load::{self, Load};
 use lb_tests::objects::{
     endpoint_slice, manifest, service, Endpoint, Object, ServicePort, ServiceType,
 };
@@ -18,82 +19,6 @@ use lb_tests::topology::{Frontend, Topology};
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 10);
 const NEW_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 11);
 const NODE_PORT: u16 = 30907;
-
-/// The load: `load.py SECONDS TARGET...`, TARGET = `long:IP:PORT:N` (N
-/// connections that each send a line every 0.5 s and wait for its echo;
-/// one that errs, times out or closes counts as broken and is not
-/// reopened) or `new:IP:PORT:RATE` (RATE connections per second, each one
-/// line and its echo). Prints one JSON summary line at the end.
-const LOAD_PY: &str = r#"
-import asyncio, json, sys, time
-
-async def exchange(reader, writer, line):
-    writer.write(line.encode())
-    await writer.drain()
-    reply = await asyncio.wait_for(reader.readline(), 3)
-    if not reply:
-        raise ConnectionError("closed")
-
-async def long_lived(ip, port, until, stats, i):
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), 3)
-    except Exception as e:
-        stats["open_failed"] += 1
-        stats["errors"].append(f"open {i}: {e!r}")
-        return
-    n = 0
-    try:
-        while time.monotonic() < until:
-            await exchange(reader, writer, f"long {i} {n}\n")
-            stats["exchanges"] += 1
-            n += 1
-            await asyncio.sleep(0.5)
-    except Exception as e:
-        stats["broken"] += 1
-        stats["errors"].append(f"long {i} after {n}: {e!r}")
-    finally:
-        writer.close()
-
-async def one_new(ip, port, stats, i):
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), 3)
-        await exchange(reader, writer, f"new {i}\n")
-        writer.close()
-        stats["ok"] += 1
-    except Exception as e:
-        stats["failed"] += 1
-        stats["errors"].append(f"new {i}: {e!r}")
-
-async def new_loop(ip, port, rate, until, stats):
-    tasks, i = [], 0
-    while time.monotonic() < until:
-        tasks.append(asyncio.create_task(one_new(ip, port, stats, i)))
-        i += 1
-        await asyncio.sleep(1 / rate)
-    await asyncio.gather(*tasks)
-
-async def main():
-    seconds = float(sys.argv[1])
-    until = time.monotonic() + seconds
-    jobs, summary = [], {}
-    for t in sys.argv[2:]:
-        kind, ip, port, n = t.split(":")
-        port, n = int(port), int(n)
-        if kind == "long":
-            s = {"connections": n, "exchanges": 0, "broken": 0, "open_failed": 0, "errors": []}
-            jobs += [long_lived(ip, port, until, s, i) for i in range(n)]
-        else:
-            s = {"attempts_per_s": n, "ok": 0, "failed": 0, "errors": []}
-            jobs.append(new_loop(ip, port, n, until, s))
-        summary[t] = s
-    print("started", flush=True)
-    await asyncio.gather(*jobs)
-    for s in summary.values():
-        s["errors"] = s["errors"][:10]
-    print(json.dumps(summary), flush=True)
-
-asyncio.run(main())
-"#;
 
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
@@ -135,18 +60,7 @@ fn kill_agent(t: &Topology, node: &str) {
 }
 
 fn wait_for_log(t: &Topology, name: &str, needle: &str, after: usize) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let log = t.log(name);
-        if log.matches(needle).count() > after {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} never logged {needle:?}:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    load::wait_for_log(t, name, needle, after, Duration::from_secs(20))
 }
 
 #[test]
@@ -178,39 +92,18 @@ fn restart_under_load_kill_term_and_changes_while_down() {
     t.socat_line("ext", "tcp", sa(node1, NODE_PORT), "hello")
         .unwrap();
 
-    let script = t.dir().join("load.py");
-    std::fs::write(&script, LOAD_PY).unwrap();
-    let script = script.to_string_lossy().into_owned();
-    let seconds = "40";
-    let vip = format!("{VIP}:9000");
-    let np = format!("{node1}:{NODE_PORT}");
-    t.spawn(
-        "client1",
-        "load-pods",
+    let vip = format!("long:{VIP}:9000:200");
+    let vip_new = format!("new:{VIP}:9000:10");
+    let np = format!("long:{node1}:{NODE_PORT}:50");
+    let np_new = format!("new:{node1}:{NODE_PORT}:10");
+    let load = Load::start(
+        &t,
+        40,
         &[
-            "python3",
-            &script,
-            seconds,
-            &format!("long:{vip}:200"),
-            &format!("new:{vip}:10"),
+            ("client1", "load-pods", &[&vip, &vip_new]),
+            ("ext", "load-ext", &[&np, &np_new]),
         ],
-    )
-    .unwrap();
-    t.spawn(
-        "ext",
-        "load-ext",
-        &[
-            "python3",
-            &script,
-            seconds,
-            &format!("long:{np}:50"),
-            &format!("new:{np}:10"),
-        ],
-    )
-    .unwrap();
-    for name in ["load-pods", "load-ext"] {
-        wait_for_log(&t, name, "started", 0);
-    }
+    );
     std::thread::sleep(Duration::from_secs(4));
 
     // 1. SIGKILL, 3 s without an agent, start again.
@@ -255,43 +148,5 @@ fn restart_under_load_kill_term_and_changes_while_down() {
         .unwrap();
 
     // The load runs to its end; then count.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut summaries = Vec::new();
-    for name in ["load-pods", "load-ext"] {
-        let line = loop {
-            let log = t.log(name);
-            if let Some(l) = log.lines().find(|l| l.starts_with('{')) {
-                break l.to_string();
-            }
-            assert!(Instant::now() < deadline, "{name} never finished:\n{log}");
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        summaries.push((name, v));
-    }
-    for (name, v) in &summaries {
-        println!("{name}: {v}");
-        for (target, s) in v.as_object().unwrap() {
-            let count = |k: &str| s.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-            if target.starts_with("long") {
-                assert_eq!(
-                    (count("broken"), count("open_failed")),
-                    (0, 0),
-                    "{name} {target}: long-lived connections broke: {s}"
-                );
-                // Two exchanges a second each, for most of the run.
-                assert!(
-                    count("exchanges") > count("connections") * 60,
-                    "{name} {target}: {s}"
-                );
-            } else {
-                assert_eq!(
-                    count("failed"),
-                    0,
-                    "{name} {target}: new connections failed: {s}"
-                );
-                assert!(count("ok") > 300, "{name} {target}: {s}");
-            }
-        }
-    }
+    load.finish(&t).assert_nothing_broke();
 }

@@ -18,6 +18,7 @@
 
 pub mod contents;
 pub mod desired;
+pub mod maglev;
 pub mod model;
 pub mod plan;
 #[cfg(test)]

@@ -43,7 +43,7 @@ use crate::dataplane::cgroup;
 use crate::dataplane::conntrack_gc;
 use crate::dataplane::netlink;
 use crate::dataplane::sockets::SocketReaper;
-use crate::dataplane::{self, error_chain, DatapathMaps, Dataplane, MapSizes, Role};
+use crate::dataplane::{self, error_chain, DatapathMaps, Dataplane, MapSizes, Role, TcAttach};
 use crate::observe::health::{self, ProxyHealth, ServiceHealthServers};
 use crate::observe::metrics::{self, Metrics};
 use crate::observe::views;
@@ -71,6 +71,9 @@ pub struct Settings {
     pub socket_lb: SocketLb,
     /// Capacities of the maps.
     pub map_sizes: MapSizes,
+    /// How the TC programs are attached: TCX, clsact filters, or TCX where
+    /// the kernel has it.
+    pub tc_attach: TcAttach,
     /// `/healthz`, `/livez`; empty disables.
     pub healthz_bind_address: String,
     /// `/metrics`, `/proxyMode`; empty disables.
@@ -267,6 +270,7 @@ impl Agent {
             &settings.datapath,
             &settings.map_sizes,
             &settings.observe,
+            settings.tc_attach,
         )
         .with_context(|| format!("loading the datapath into {}", settings.bpffs.display()))?;
         match dp

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use lb_common::DatapathConfig;
 use lb_userspace::agent::{self, parse_cidrs, Mode, Settings, SocketLb};
-use lb_userspace::dataplane::{self, MapSizes};
+use lb_userspace::dataplane::{self, MapSizes, TcAttach};
 use regex::Regex;
 use tracing::info;
 
@@ -44,6 +44,12 @@ struct Args {
     /// bpffs directory for pinned maps and links.
     #[arg(long, default_value = dataplane::DEFAULT_BPFFS_DIR)]
     bpffs: PathBuf,
+    /// How the TC programs are attached: tcx (pinned TCX links, Linux 6.6+),
+    /// netlink (clsact bpf filters at pref 1 handle 0x4c42, which stay
+    /// attached when the agent exits and are replaced in place by the next
+    /// one), or auto (tcx where the kernel has it, netlink elsewhere).
+    #[arg(long, default_value = "auto", value_name = "auto|tcx|netlink")]
+    tc_attach: TcAttach,
     /// Comma-separated CIDRs: NodePorts answer only on local addresses inside
     /// them (default: every non-loopback IPv4 address of the node).
     #[arg(long, value_name = "CIDR,...")]
@@ -191,6 +197,7 @@ fn main() -> Result<()> {
         .map_err(|e| anyhow::anyhow!("--max-*: {e}"))?;
     let settings = Settings {
         map_sizes,
+        tc_attach: args.tc_attach,
         node_name,
         bpffs: args.bpffs.clone(),
         uplinks: args.uplinks.clone(),

@@ -7,9 +7,13 @@
 //! conntrack survives) and TCX links are pinned (a new agent swaps its
 //! programs into the existing links with `bpf_link_update`, atomically). The
 //! process itself holds no link: the pins do, so an agent that exits or
-//! crashes leaves the datapath running.
+//! crashes leaves the datapath running. Without TCX (kernels before 6.6, or
+//! `--tc-attach netlink`) the TC programs are clsact `bpf` filters at a fixed
+//! priority and handle, which belong to the interface and outlive the agent;
+//! a new agent replaces their programs in place (`clsact`).
 
 pub mod cgroup;
+pub mod clsact;
 pub mod conntrack_gc;
 pub mod layout;
 pub mod maps;
@@ -17,14 +21,17 @@ pub mod monitor;
 pub mod netlink;
 pub mod sockets;
 mod sys;
+#[cfg(test)]
+mod test_netns;
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::tc::SchedClassifierLink;
-use aya::programs::{tc, SchedClassifier, TcAttachType};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use cgroup::SocketLbAttachment;
 use lb_common::{map_names, program_names, DatapathConfig, DATAPATH_CONFIG_GLOBAL};
@@ -43,6 +50,67 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/lb";
 const LINKS_DIR: &str = "links";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// How the TC programs are attached (`--tc-attach`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TcAttach {
+    /// TCX where the kernel has it (Linux 6.6+), netlink clsact filters
+    /// elsewhere.
+    #[default]
+    Auto,
+    /// TCX links (pinned).
+    Tcx,
+    /// Legacy clsact `bpf` filters (see `clsact`).
+    Netlink,
+}
+
+impl std::str::FromStr for TcAttach {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(TcAttach::Auto),
+            "tcx" => Ok(TcAttach::Tcx),
+            "netlink" => Ok(TcAttach::Netlink),
+            _ => Err(format!("{s:?}: expected auto, tcx or netlink")),
+        }
+    }
+}
+
+impl TcAttach {
+    /// `Auto` decided for this kernel: TCX when it answers a TCX query.
+    pub fn resolve(self) -> TcMode {
+        match self {
+            TcAttach::Tcx => TcMode::Tcx,
+            TcAttach::Netlink => TcMode::Netlink,
+            TcAttach::Auto if tcx_supported() => TcMode::Tcx,
+            TcAttach::Auto => TcMode::Netlink,
+        }
+    }
+}
+
+/// The way TC programs are attached on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcMode {
+    Tcx,
+    Netlink,
+}
+
+impl TcMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcMode::Tcx => "tcx",
+            TcMode::Netlink => "netlink",
+        }
+    }
+}
+
+/// Whether the kernel has TCX: BPF_PROG_QUERY of a TCX attach type on `lo`
+/// (every namespace has it) fails with EINVAL before Linux 6.6. A probe,
+/// not a version check, so that distribution kernels with TCX backported
+/// get it.
+fn tcx_supported() -> bool {
+    SchedClassifier::query_tcx("lo", TcAttachType::Ingress).is_ok()
+}
 
 #[derive(Debug, Error)]
 pub enum DataplaneError {
@@ -83,6 +151,10 @@ pub enum DataplaneError {
     SocketLb(String),
     #[error("datapath debug log (--datapath-debug-log): {0}")]
     DebugLog(String),
+    #[error(transparent)]
+    Clsact(#[from] clsact::ClsactError),
+    #[error("listing interfaces: {0}")]
+    Links(#[from] netlink::NetlinkError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DataplaneError + '_ {
@@ -102,20 +174,37 @@ pub enum Role {
 }
 
 impl Role {
-    /// (hook name, TC direction, program).
-    fn hooks(self) -> [(&'static str, TcAttachType, &'static str); 2] {
+    /// (hook name, TC direction, clsact hook, program).
+    fn hooks(self) -> [(&'static str, TcAttachType, clsact::Hook, &'static str); 2] {
+        use clsact::Hook;
         match self {
             Role::Uplink => [
                 (
                     "ingress",
                     TcAttachType::Ingress,
+                    Hook::Ingress,
                     program_names::UPLINK_INGRESS,
                 ),
-                ("egress", TcAttachType::Egress, program_names::UPLINK_EGRESS),
+                (
+                    "egress",
+                    TcAttachType::Egress,
+                    Hook::Egress,
+                    program_names::UPLINK_EGRESS,
+                ),
             ],
             Role::Pod => [
-                ("ingress", TcAttachType::Ingress, program_names::POD_INGRESS),
-                ("egress", TcAttachType::Egress, program_names::POD_EGRESS),
+                (
+                    "ingress",
+                    TcAttachType::Ingress,
+                    Hook::Ingress,
+                    program_names::POD_INGRESS,
+                ),
+                (
+                    "egress",
+                    TcAttachType::Egress,
+                    Hook::Egress,
+                    program_names::POD_EGRESS,
+                ),
             ],
         }
     }
@@ -264,9 +353,9 @@ pub struct Dataplane {
     pub maps: AgentMaps<aya::maps::MapData>,
     dir: PathBuf,
     attached: BTreeMap<Link, Role>,
-    /// Links that could not be pinned (netlink TC attach on kernels without
-    /// TCX). Held here; they detach when the agent exits.
-    unpinned: Vec<SchedClassifierLink>,
+    /// TCX links, or clsact filters (which need no holder: they belong to
+    /// the interface and stay when the agent exits).
+    tc: TcMode,
     /// F2: where the socket-LB programs are attached (`cgroup`).
     socket_lb: Option<SocketLbAttachment>,
     /// Socket-LB attachments without a bpf link (kernels before 5.7).
@@ -274,15 +363,21 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    /// Loads the embedded object, reusing maps already pinned under `dir`,
-    /// with the monitoring and debug-log switches of `observe`.
+    /// Loads the embedded object, reusing maps already pinned under `dir`;
+    /// TC programs will be attached as `tc_attach` says; monitoring and
+    /// debug-log switches as `observe` says.
     pub fn load(
         dir: &Path,
         config: &DatapathConfig,
         sizes: &MapSizes,
         observe: &Observe,
+        tc_attach: TcAttach,
     ) -> Result<Self, DataplaneError> {
         ensure_bpffs(dir)?;
+        let tc = tc_attach.resolve();
+        if tc == TcMode::Netlink {
+            secure_dir(&dir.join(clsact::QDISC_MARKERS_DIR))?;
+        }
         // Never misread maps of another layout (an older or newer agent's),
         // nor adopt maps of other sizes than asked for.
         layout::check_pinned(dir, sizes)?;
@@ -313,13 +408,13 @@ impl Dataplane {
         }
         layout::stamp(dir).map_err(DataplaneError::Stamp)?;
         let maps = AgentMaps::open_pinned(dir)?;
-        info!(dir = %dir.display(), "datapath loaded; maps pinned");
+        info!(dir = %dir.display(), tc_attach = tc.as_str(), "datapath loaded; maps pinned");
         Ok(Self {
             ebpf,
             maps,
             dir: dir.to_path_buf(),
             attached: BTreeMap::new(),
-            unpinned: Vec::new(),
+            tc,
             socket_lb: None,
             unpinned_cgroup: Vec::new(),
         })
@@ -327,6 +422,11 @@ impl Dataplane {
 
     fn links_dir(&self) -> PathBuf {
         self.dir.join(LINKS_DIR)
+    }
+
+    /// How the TC programs are attached.
+    pub fn tc_mode(&self) -> TcMode {
+        self.tc
     }
 
     /// Attaches to every interface in `want` not attached yet, and lets go of
@@ -343,11 +443,16 @@ impl Dataplane {
         for link in gone {
             let role = self.attached.remove(&link).unwrap_or(Role::Pod);
             info!(interface = %link.name, role = role.as_str(), "detaching");
-            for (hook, _, _) in role.hooks() {
+            for (hook, _, _, _) in role.hooks() {
                 let pin = self.links_dir().join(link_pin_name(&link, hook));
                 if let Err(e) = detach_and_unpin(&pin) {
                     warn!(error = %error_chain(&e), "cannot remove link pin");
                 }
+            }
+            // clsact filters (and the qdisc lb added), if the interface
+            // still exists.
+            if let Err(e) = clsact::release(&self.dir, &link) {
+                warn!(interface = %link.name, error = %error_chain(&e), "cannot remove lb's clsact filters");
             }
         }
         for (link, role) in want {
@@ -356,10 +461,13 @@ impl Dataplane {
             }
             match self.attach(link, *role) {
                 Ok(adopted) => {
-                    let how = if adopted {
-                        "adopted pinned links (programs swapped in place)"
-                    } else {
-                        "attached"
+                    let how = match (adopted, self.tc) {
+                        (true, TcMode::Tcx) => "adopted pinned links (programs swapped in place)",
+                        (true, TcMode::Netlink) => {
+                            "replaced the programs of lb's clsact filters in place"
+                        }
+                        (false, TcMode::Tcx) => "attached (TCX)",
+                        (false, TcMode::Netlink) => "attached (clsact filters)",
                     };
                     info!(interface = %link.name, ifindex = link.index, role = role.as_str(), "{how}");
                     self.attached.insert(link.clone(), *role);
@@ -370,9 +478,10 @@ impl Dataplane {
         errors
     }
 
-    /// Removes link pins whose interface no longer exists (left by an agent
-    /// that was not running when the interface went away).
+    /// Removes link pins and qdisc markers whose interface no longer exists
+    /// (left by an agent that was not running when the interface went away).
     pub fn remove_stale_link_pins(&self, current: &[Link]) {
+        clsact::remove_stale_markers(&self.dir, current);
         let Ok(entries) = std::fs::read_dir(self.links_dir()) else {
             return;
         };
@@ -425,11 +534,86 @@ impl Dataplane {
         Ok(changed)
     }
 
-    /// Attaches both hooks; true when both were adopted from pins.
+    /// Attaches both hooks; true when both were adopted (pinned TCX links,
+    /// or lb's clsact filters, got the new programs in place).
     fn attach(&mut self, link: &Link, role: Role) -> Result<bool, DataplaneError> {
+        match self.tc {
+            TcMode::Tcx => {
+                let adopted = self.attach_tcx(link, role)?;
+                // Switching from clsact filters (an agent with --tc-attach
+                // netlink ran before): TCX runs first, so lb's filters are
+                // removed only now that the TCX programs are in.
+                if let Err(e) = clsact::release(&self.dir, link) {
+                    warn!(interface = %link.name, error = %error_chain(&e), "cannot remove lb's clsact filters");
+                }
+                Ok(adopted)
+            }
+            TcMode::Netlink => self.attach_clsact(link, role),
+        }
+    }
+
+    fn tc_program(
+        &mut self,
+        program: &'static str,
+    ) -> Result<&mut SchedClassifier, DataplaneError> {
+        self.ebpf
+            .program_mut(program)
+            .ok_or(DataplaneError::MissingProgram(program))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                name: program,
+                source,
+            })
+    }
+
+    /// Legacy TC: lb's `bpf` filter on each clsact hook, its program
+    /// replaced in place when an earlier agent left one (`clsact`).
+    fn attach_clsact(&mut self, link: &Link, role: Role) -> Result<bool, DataplaneError> {
+        let attach_err = |program: &'static str, hook: &'static str, e: &dyn std::error::Error| {
+            DataplaneError::Attach {
+                program,
+                interface: link.name.clone(),
+                hook,
+                reason: error_chain(e),
+            }
+        };
+        let [(_, _, _, first), _] = role.hooks();
+        let added =
+            clsact::ensure_qdisc(&self.dir, link).map_err(|e| attach_err(first, "clsact", &e))?;
+        if added {
+            info!(interface = %link.name, "added a clsact qdisc");
+        }
+        let links_dir = self.links_dir();
+        let mut all_replaced = true;
+        for (hook, _, clsact_hook, program) in role.hooks() {
+            let prog = self.tc_program(program)?;
+            let fd = prog
+                .fd()
+                .map_err(|source| DataplaneError::Program {
+                    name: program,
+                    source,
+                })?
+                .as_fd();
+            let done = clsact::attach(link, clsact_hook, fd, program)
+                .map_err(|e| attach_err(program, hook, &e))?;
+            all_replaced &= done.replaced;
+            // Switching from TCX (an agent with TCX ran before): the filter
+            // is in, the TCX link can go.
+            let pin = links_dir.join(link_pin_name(link, hook));
+            if std::fs::symlink_metadata(&pin).is_ok() {
+                info!(interface = %link.name, hook, "replacing a pinned TCX link by lb's clsact filter");
+                detach_and_unpin(&pin)?;
+            }
+        }
+        Ok(all_replaced)
+    }
+
+    /// TCX: a pinned link per hook, adopted (program swapped in) when an
+    /// earlier agent pinned it.
+    fn attach_tcx(&mut self, link: &Link, role: Role) -> Result<bool, DataplaneError> {
         let links_dir = self.links_dir();
         let mut all_adopted = true;
-        for (hook, attach_type, program) in role.hooks() {
+        for (hook, attach_type, _, program) in role.hooks() {
             let attach_err = |reason: String| DataplaneError::Attach {
                 program,
                 interface: link.name.clone(),
@@ -437,15 +621,7 @@ impl Dataplane {
                 reason,
             };
             let pin = links_dir.join(link_pin_name(link, hook));
-            let prog: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(program)
-                .ok_or(DataplaneError::MissingProgram(program))?
-                .try_into()
-                .map_err(|source| DataplaneError::Program {
-                    name: program,
-                    source,
-                })?;
+            let prog = self.tc_program(program)?;
             // Adopt the link an earlier agent pinned: swap the program in place.
             let adopted = match PinnedLink::from_pin(&pin) {
                 Ok(pinned) => {
@@ -471,16 +647,12 @@ impl Dataplane {
             let (id, fresh) = match adopted {
                 Some(id) => (id, false),
                 None => {
-                    if aya::util::KernelVersion::current()
-                        .is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0))
-                    {
-                        // Without TCX the netlink path needs a clsact qdisc.
-                        if let Err(e) = tc::qdisc_add_clsact(&link.name) {
-                            debug!(interface = %link.name, error = %e, "clsact qdisc (may already exist)");
-                        }
-                    }
                     let id = prog
-                        .attach(&link.name, attach_type)
+                        .attach_with_options(
+                            &link.name,
+                            attach_type,
+                            TcAttachOptions::TcxOrder(LinkOrder::default()),
+                        )
                         .map_err(|e| attach_err(error_chain(&e)))?;
                     (id, true)
                 }
@@ -488,11 +660,6 @@ impl Dataplane {
             let owned = prog
                 .take_link(id)
                 .map_err(|e| attach_err(error_chain(&e)))?;
-            if <&FdLink>::try_from(&owned).is_err() {
-                warn!(interface = %link.name, "link cannot be pinned (no TCX on this kernel); an agent restart will re-attach it");
-                self.unpinned.push(owned);
-                continue;
-            }
             let fd = FdLink::try_from(owned).map_err(|e| attach_err(error_chain(&e)))?;
             if fresh {
                 // The pin owns the link from now on; dropping the returned
@@ -526,10 +693,16 @@ fn detach_and_unpin(pin: &Path) -> Result<(), DataplaneError> {
     }
 }
 
-/// `lb-agent --cleanup`: detach and unpin everything under `dir`.
+/// `lb-agent --cleanup`: detach and unpin everything under `dir`, and take
+/// lb's clsact filters (and the clsact qdiscs lb added) off every interface
+/// of this network namespace, so that the node is as before the first agent.
 pub fn cleanup(dir: &Path) -> Result<(), DataplaneError> {
+    // Filters are found by their program names, pins or not (a pin
+    // directory someone removed must not leave filters behind).
+    let links = netlink::list_links()?;
+    clsact::cleanup(dir, &links)?;
     if !dir.exists() {
-        info!(dir = %dir.display(), "nothing to clean up");
+        info!(dir = %dir.display(), "no pin directory");
         return Ok(());
     }
     let links = dir.join(LINKS_DIR);

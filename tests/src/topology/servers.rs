@@ -44,13 +44,17 @@ class Udp(socketserver.BaseRequestHandler):
         line = data.decode(errors="replace").strip()
         sock.sendto(f"backend={name} proto=udp client={ip}:{port} line={line}\n".encode(), self.client_address)
 
+# socketserver listens with a backlog of 5: a test opening hundreds of
+# connections at once would see handshakes stall in the full accept queue.
 class TcpServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
+    request_queue_size = 1024
 
 class HttpServer(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     daemon_threads = True
+    request_queue_size = 1024
 
 servers = []
 for spec in sys.argv[2:]:
