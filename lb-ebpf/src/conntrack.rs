@@ -498,6 +498,9 @@ const SNAT_ERR_FULL: i32 = -2;
 ///
 /// The cursor moves past the port claimed, or is reset (the next claim
 /// starts at a random place) when nothing was found.
+// The keys are passed by reference on purpose: they point into the per-CPU
+// scratch value, and a by-value key would be copied onto the small stack.
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(never)]
 fn probe_snat_ports(
     backend_addr: u32,
@@ -579,6 +582,7 @@ const SNAT_RECLAIM_IDLE_NS: u64 = 2_000_000_000;
 /// free for a new connection (its SYN opens a new flow; netfilter likewise
 /// lets a new connection take over a tuple in TIME_WAIT). Counted
 /// `snat_port_reclaimed`. Otherwise the port is taken.
+#[allow(clippy::needless_borrows_for_generic_args)] // as in probe_snat_ports
 #[inline(always)]
 unsafe fn reclaim_closed(s: *mut SnatScratch, old: *const ConntrackEntry, now: u64) -> bool {
     // SAFETY (whole function): `s` is this CPU's scratch value, `old` a
