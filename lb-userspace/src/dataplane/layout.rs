@@ -13,9 +13,9 @@ use std::path::Path;
 use aya::maps::{Array, Map, MapData, MapType};
 use lb_common::{
     map_names as m, AffinityKey, AffinityValue, BackendSlot, BackendSlotKey, BackendValue,
-    ConntrackEntry, ConntrackKey, NodeAddrValue, ServiceKey, ServicePortNameValue, ServiceValue,
-    SockRevNatKey, SockRevNatValue, SourceRangeKey, UplinkAddr, LAYOUT_VERSION,
-    FragKey, FragValue,
+    ConntrackEntry, ConntrackKey, FragKey, FragValue, NodeAddrValue, ServiceKey,
+    ServicePortNameValue, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey, UplinkAddr,
+    LAYOUT_VERSION,
 };
 use thiserror::Error;
 
