@@ -62,7 +62,7 @@ pub mod map_names {
 /// fields mean). Bump it with any change an older agent or datapath would
 /// misread; the agent refuses pinned maps of another version (naming the map
 /// and the command that starts over) instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Names of the kernel programs (the entry point function names in lb-ebpf).
 pub mod program_names {
@@ -276,6 +276,103 @@ pub mod ct_flags {
     /// client's egress (source back to the frontend, destination port back
     /// to the client's). `ConntrackKey::peer` pairs it like any SNAT entry.
     pub const PORT_REMAP: u16 = 1 << 6;
+    /// TCP: a FIN passed in the forward direction (client -> backend).
+    /// `TCP_FIN` is set with it (and means: a FIN in either direction).
+    pub const FIN_FORWARD: u16 = 1 << 7;
+    /// TCP: a FIN passed in the reply direction (backend -> client).
+    pub const FIN_REPLY: u16 = 1 << 8;
+    /// UDP: a stream (netfilter's ASSURED UDP flow): a packet passed after
+    /// a reply had been seen and at least `UDP_STREAM_AFTER_S` seconds
+    /// after the flow was created. Its lifetime is `ct_udp_stream_ns`.
+    pub const UDP_STREAM: u16 = 1 << 9;
+}
+
+/// UDP: a flow that has seen a reply becomes a stream (`ct_flags::UDP_STREAM`)
+/// with the first packet at least this many seconds after its creation,
+/// as netfilter extends a UDP flow to `nf_conntrack_udp_timeout_stream`
+/// only after 2 s: a DNS query and its answer stay short-lived.
+pub const UDP_STREAM_AFTER_S: u16 = 2;
+
+/// The state of a flow, from its `ct_flags` (the union of both entries'),
+/// named after netfilter's conntrack states; each has its own idle
+/// lifetime in [`DatapathConfig`] (`DatapathConfig::ct_lifetime_ns`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CtState {
+    /// TCP: opened, no reply yet (netfilter SYN_SENT).
+    TcpSynSent,
+    /// TCP: the other side answered, the handshake's last ACK has not
+    /// passed yet (SYN_RECV).
+    TcpSynRecv,
+    /// TCP: the handshake completed (ESTABLISHED).
+    TcpEstablished,
+    /// TCP: a FIN before the handshake completed (FIN_WAIT).
+    TcpFinWait,
+    /// TCP: an established flow closed in one direction, the other may
+    /// still send (CLOSE_WAIT; netfilter passes FIN_WAIT only until the
+    /// FIN is acknowledged, one round trip).
+    TcpCloseWait,
+    /// TCP: FIN seen in both directions (TIME_WAIT; netfilter's LAST_ACK,
+    /// both FINs but the last ACK not yet seen, 30 s, is folded in here).
+    TcpTimeWait,
+    /// TCP: reset (CLOSE).
+    TcpClose,
+    /// UDP: no stream (yet): no reply, or not `UDP_STREAM_AFTER_S` old.
+    Udp,
+    /// UDP: a stream (netfilter's ASSURED UDP flow).
+    UdpStream,
+}
+
+impl CtState {
+    /// The state of a flow of protocol `proto` with state bits `flags`.
+    ///
+    /// TCP, first match: RST -> close; FIN both ways -> time_wait; FIN one
+    /// way (or `TCP_FIN` without a direction) -> close_wait when the
+    /// handshake completed, else fin_wait; established; a reply seen ->
+    /// syn_recv; otherwise syn_sent (also a flow picked up mid-stream,
+    /// which becomes established once both directions passed).
+    #[inline(always)]
+    pub const fn of(proto: u8, flags: u16) -> CtState {
+        if proto == PROTO_UDP {
+            return if flags & ct_flags::UDP_STREAM != 0 {
+                CtState::UdpStream
+            } else {
+                CtState::Udp
+            };
+        }
+        let fin_both = ct_flags::FIN_FORWARD | ct_flags::FIN_REPLY;
+        if flags & ct_flags::TCP_RST != 0 {
+            CtState::TcpClose
+        } else if flags & fin_both == fin_both {
+            CtState::TcpTimeWait
+        } else if flags & (ct_flags::TCP_FIN | fin_both) != 0 {
+            if flags & ct_flags::TCP_ESTABLISHED != 0 {
+                CtState::TcpCloseWait
+            } else {
+                CtState::TcpFinWait
+            }
+        } else if flags & ct_flags::TCP_ESTABLISHED != 0 {
+            CtState::TcpEstablished
+        } else if flags & ct_flags::SEEN_REPLY != 0 {
+            CtState::TcpSynRecv
+        } else {
+            CtState::TcpSynSent
+        }
+    }
+
+    /// netfilter's name of the state (lbctl's STATE column).
+    pub const fn name(self) -> &'static str {
+        match self {
+            CtState::TcpSynSent => "SYN_SENT",
+            CtState::TcpSynRecv => "SYN_RECV",
+            CtState::TcpEstablished => "ESTABLISHED",
+            CtState::TcpFinWait => "FIN_WAIT",
+            CtState::TcpCloseWait => "CLOSE_WAIT",
+            CtState::TcpTimeWait => "TIME_WAIT",
+            CtState::TcpClose => "CLOSE",
+            CtState::Udp => "UNREPLIED",
+            CtState::UdpStream => "STREAM",
+        }
+    }
 }
 
 /// One direction of a translated flow, as the packet looks when the datapath
@@ -311,9 +408,27 @@ pub struct ConntrackEntry {
     pub service_id: u32,
     /// `ct_flags::*`.
     pub flags: u16,
-    pub _pad: u16,
+    /// When the flow was created: CLOCK_BOOTTIME seconds, modulo 2^16
+    /// (wraps every 18 h; only compared with the present for
+    /// `UDP_STREAM_AFTER_S`, see [`udp_stream_due`]).
+    pub created_s: u16,
     /// bpf_ktime_get_boot_ns() of the last packet.
     pub last_seen_ns: u64,
+}
+
+/// `ConntrackEntry::created_s` for the CLOCK_BOOTTIME time `now_ns`.
+#[inline(always)]
+pub const fn created_s(now_ns: u64) -> u16 {
+    (now_ns / 1_000_000_000) as u16
+}
+
+/// UDP: whether a flow created at `created_s` that has seen a reply
+/// becomes a stream with a packet at `now_ns` (it is at least
+/// `UDP_STREAM_AFTER_S` seconds old; modulo 2^16 s, so a packet in a 2 s
+/// window every 18 h only promotes it one packet later).
+#[inline(always)]
+pub const fn udp_stream_due(created: u16, now_ns: u64) -> bool {
+    created_s(now_ns).wrapping_sub(created) >= UDP_STREAM_AFTER_S
 }
 
 /// Session affinity: (client address, service port) -> backend.
@@ -537,19 +652,37 @@ impl ServicePortNameValue {
 }
 
 /// Globals fixed at load time (`EbpfLoader::override_global("LB_CONFIG", ..)`).
+///
+/// Idle lifetimes of conntrack flows, per protocol and state
+/// ([`CtState`]), in nanoseconds. The defaults are what a node running
+/// kube-proxy has: kube-proxy sets `nf_conntrack_tcp_timeout_established`
+/// (24 h) and `..._close_wait` (1 h); the others are the kernel's defaults.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct DatapathConfig {
-    /// Idle lifetime of an established TCP flow.
+    /// TCP opened, not answered yet (`--conntrack-tcp-timeout-syn-sent`).
+    pub ct_tcp_syn_sent_ns: u64,
+    /// TCP answered, handshake not complete (`...-syn-recv`).
+    pub ct_tcp_syn_recv_ns: u64,
+    /// TCP established (`--conntrack-tcp-timeout-established`).
     pub ct_tcp_established_ns: u64,
-    /// Idle lifetime of a TCP flow that is opening or closing.
-    pub ct_tcp_transient_ns: u64,
-    /// Idle lifetime of a UDP flow.
+    /// TCP FIN before the handshake completed (`...-fin-wait`).
+    pub ct_tcp_fin_wait_ns: u64,
+    /// TCP established, closed one way (`--conntrack-tcp-timeout-close-wait`).
+    pub ct_tcp_close_wait_ns: u64,
+    /// TCP closed both ways (`...-time-wait`).
+    pub ct_tcp_time_wait_ns: u64,
+    /// TCP reset (`...-close`).
+    pub ct_tcp_close_ns: u64,
+    /// UDP without a stream (`--conntrack-udp-timeout`).
     pub ct_udp_ns: u64,
+    /// UDP stream (`--conntrack-udp-timeout-stream`).
+    pub ct_udp_stream_ns: u64,
     /// Source ports of SNAT'ed flows (M1, M2, remote backends, M4) and the
-    /// remapped client ports of C2, host order. Outside the kernel's default
-    /// ephemeral range (32768-60999) so they do not collide with the node's
-    /// own sockets.
+    /// remapped client ports of C2, host order (`--snat-port-range`). Below
+    /// the NodePort range (30000-32767) and the kernel's default ephemeral
+    /// range (32768-60999), so they collide with neither NodePorts nor the
+    /// node's own connections.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
     /// M1: traffic to a ClusterIP from outside this IPv4 CIDR (network order
@@ -572,18 +705,92 @@ pub const DATAPATH_CONFIG_GLOBAL: &str = "LB_CONFIG";
 /// address: a link-local address no node or pod owns.
 pub const DEFAULT_HAIRPIN_ADDR: u32 = ipv4_to_net([169, 254, 42, 1]);
 
+const S: u64 = 1_000_000_000;
+
 impl DatapathConfig {
     pub const DEFAULT: Self = Self {
-        ct_tcp_established_ns: 21_600 * 1_000_000_000,
-        ct_tcp_transient_ns: 60 * 1_000_000_000,
-        ct_udp_ns: 60 * 1_000_000_000,
-        snat_port_min: 61_000,
-        snat_port_max: 65_535,
+        ct_tcp_syn_sent_ns: 120 * S,
+        ct_tcp_syn_recv_ns: 60 * S,
+        ct_tcp_established_ns: 86_400 * S,
+        ct_tcp_fin_wait_ns: 120 * S,
+        ct_tcp_close_wait_ns: 3_600 * S,
+        ct_tcp_time_wait_ns: 120 * S,
+        ct_tcp_close_ns: 10 * S,
+        ct_udp_ns: 30 * S,
+        ct_udp_stream_ns: 120 * S,
+        snat_port_min: DEFAULT_SNAT_PORT_MIN,
+        snat_port_max: DEFAULT_SNAT_PORT_MAX,
         cluster_cidr_addr: 0,
         cluster_cidr_mask: 0,
         hairpin_addr: DEFAULT_HAIRPIN_ADDR,
         netns_cookie: 0,
     };
+}
+
+/// The default SNAT port range (`--snat-port-range`): 20,000 ports below
+/// the NodePort range (30000-32767) and the kernel's default ephemeral
+/// range (32768-60999), above the ports of overlay tunnels (VXLAN 4789 and
+/// 8472, Geneve 6081) and most well-known services, whose packets would
+/// otherwise each pay the SNAT reply lookup.
+pub const DEFAULT_SNAT_PORT_MIN: u16 = 10_000;
+pub const DEFAULT_SNAT_PORT_MAX: u16 = 29_999;
+
+impl DatapathConfig {
+    /// This configuration with every opening and closing TCP state (all
+    /// but established) idle for `ns` (lb-agent's
+    /// `--conntrack-tcp-transient-timeout` shorthand).
+    pub const fn with_tcp_transient_ns(self, ns: u64) -> Self {
+        Self {
+            ct_tcp_syn_sent_ns: ns,
+            ct_tcp_syn_recv_ns: ns,
+            ct_tcp_fin_wait_ns: ns,
+            ct_tcp_close_wait_ns: ns,
+            ct_tcp_time_wait_ns: ns,
+            ct_tcp_close_ns: ns,
+            ..self
+        }
+    }
+
+    /// The idle lifetime of a flow in state `state`.
+    #[inline(always)]
+    pub const fn state_lifetime_ns(&self, state: CtState) -> u64 {
+        match state {
+            CtState::TcpSynSent => self.ct_tcp_syn_sent_ns,
+            CtState::TcpSynRecv => self.ct_tcp_syn_recv_ns,
+            CtState::TcpEstablished => self.ct_tcp_established_ns,
+            CtState::TcpFinWait => self.ct_tcp_fin_wait_ns,
+            CtState::TcpCloseWait => self.ct_tcp_close_wait_ns,
+            CtState::TcpTimeWait => self.ct_tcp_time_wait_ns,
+            CtState::TcpClose => self.ct_tcp_close_ns,
+            CtState::Udp => self.ct_udp_ns,
+            CtState::UdpStream => self.ct_udp_stream_ns,
+        }
+    }
+
+    /// The shortest lifetime of any state: an entry idle for less than
+    /// this belongs to a live flow whatever its state.
+    pub const fn min_lifetime_ns(&self) -> u64 {
+        let l = [
+            self.ct_tcp_syn_sent_ns,
+            self.ct_tcp_syn_recv_ns,
+            self.ct_tcp_established_ns,
+            self.ct_tcp_fin_wait_ns,
+            self.ct_tcp_close_wait_ns,
+            self.ct_tcp_time_wait_ns,
+            self.ct_tcp_close_ns,
+            self.ct_udp_ns,
+            self.ct_udp_stream_ns,
+        ];
+        let mut min = u64::MAX;
+        let mut i = 0;
+        while i < l.len() {
+            if l[i] < min {
+                min = l[i];
+            }
+            i += 1;
+        }
+        min
+    }
 }
 
 impl DatapathConfig {
@@ -598,17 +805,10 @@ impl DatapathConfig {
     /// (`ct_flags`), as [`DatapathConfig::flow_expired`] applies it to both
     /// entries of a flow: the datapath then treats the flow as new, the
     /// agent's garbage collector deletes it. One definition for both sides.
+    /// The state is [`CtState::of`]; each state has its own lifetime.
     #[inline(always)]
     pub fn ct_lifetime_ns(&self, proto: u8, flags: u16) -> u64 {
-        if proto == PROTO_UDP {
-            self.ct_udp_ns
-        } else if flags & ct_flags::TCP_ESTABLISHED != 0
-            && flags & (ct_flags::TCP_FIN | ct_flags::TCP_RST) == 0
-        {
-            self.ct_tcp_established_ns
-        } else {
-            self.ct_tcp_transient_ns
-        }
+        self.state_lifetime_ns(CtState::of(proto, flags))
     }
 }
 
@@ -697,18 +897,41 @@ impl DatapathConfig {
         peer: Option<&ConntrackEntry>,
         now_ns: u64,
     ) -> bool {
-        let (last, flags) = match peer {
-            Some(p) => (
-                if p.last_seen_ns > entry.last_seen_ns {
-                    p.last_seen_ns
-                } else {
-                    entry.last_seen_ns
-                },
-                entry.flags | p.flags,
-            ),
-            None => (entry.last_seen_ns, entry.flags),
-        };
+        let (last, flags) = flow_last_and_flags(entry, peer);
         now_ns.saturating_sub(last) > self.ct_lifetime_ns(proto, flags)
+    }
+
+    /// The state of the flow of `entry` and `peer` (as
+    /// [`Self::flow_expired`] judges it) and the nanoseconds it may still
+    /// stay idle before it expires (0: expired).
+    pub fn flow_state_remaining(
+        &self,
+        proto: u8,
+        entry: &ConntrackEntry,
+        peer: Option<&ConntrackEntry>,
+        now_ns: u64,
+    ) -> (CtState, u64) {
+        let (last, flags) = flow_last_and_flags(entry, peer);
+        let state = CtState::of(proto, flags);
+        let idle = now_ns.saturating_sub(last);
+        (state, self.state_lifetime_ns(state).saturating_sub(idle))
+    }
+}
+
+/// The later `last_seen_ns` of a flow's entries and the union of their
+/// state bits.
+#[inline(always)]
+fn flow_last_and_flags(entry: &ConntrackEntry, peer: Option<&ConntrackEntry>) -> (u64, u16) {
+    match peer {
+        Some(p) => (
+            if p.last_seen_ns > entry.last_seen_ns {
+                p.last_seen_ns
+            } else {
+                entry.last_seen_ns
+            },
+            entry.flags | p.flags,
+        ),
+        None => (entry.last_seen_ns, entry.flags),
     }
 }
 
@@ -751,11 +974,15 @@ pub enum StatReason {
     /// Dropped: a slot pointed at a missing backend (agent mid-update).
     DropBackendMissing = 11,
     /// Dropped: a conntrack insert failed (other than on a taken key).
+    /// LB_CONNTRACK is an LRU map: a full map evicts its least recently
+    /// used entries instead, so this is rare (the LRU found nothing to
+    /// evict, all free entries sitting in other CPUs' local lists).
     DropConntrackFull = 12,
     /// Dropped: rewriting the packet failed.
     DropRewriteFailed = 13,
     /// Dropped: no free port in the SNAT range (a SNAT port, or a
-    /// remapped client port, C2) within the probes.
+    /// remapped client port, C2) within the probes
+    /// (`lb-ebpf` `conntrack::SNAT_PROBES`).
     DropSnatExhausted = 14,
     /// Dropped: a packet the datapath forwards itself found no usable route;
     /// or it cannot be forwarded (TTL <= 1, too big for the route) and must
@@ -823,9 +1050,26 @@ pub enum StatReason {
     /// RST seen): a new connection reusing the client's port, handled as a
     /// new flow (a new backend pick), as netfilter reopens a closed entry.
     ConntrackReopened = 36,
+    /// A TCP packet without SYN opened a new flow: the flow's state was
+    /// lost (both entries evicted by the LRU under pressure, collected
+    /// after its lifetime, or never seen: a client continuing a connection
+    /// it opened through another node) or a stray packet. It gets a
+    /// backend like any new flow; if that is not the connection's backend,
+    /// the backend resets it. With `conntrack_peer_missing` the sign of a
+    /// conntrack map too small for the flows (or a flood).
+    NewFlowWithoutSyn = 37,
+    /// A SNAT port candidate (or a C2 remap candidate) was taken by a live
+    /// flow to the same backend, and the next one was tried: a measure of
+    /// how full the SNAT port range is for the busiest backends, before
+    /// `DropSnatExhausted`.
+    SnatPortTaken = 38,
+    /// A new TCP connection took over the SNAT port of a closed flow
+    /// (FIN both ways or reset, idle 2 s) to the same backend; both of
+    /// that flow's entries were deleted.
+    SnatPortReclaimed = 39,
 }
 
-pub const STAT_COUNT: u32 = 37;
+pub const STAT_COUNT: u32 = 40;
 
 impl StatReason {
     pub const ALL: [StatReason; STAT_COUNT as usize] = [
@@ -866,6 +1110,9 @@ impl StatReason {
         StatReason::FragmentTranslated,
         StatReason::DropFragmentNoFirst,
         StatReason::ConntrackReopened,
+        StatReason::NewFlowWithoutSyn,
+        StatReason::SnatPortTaken,
+        StatReason::SnatPortReclaimed,
     ];
 
     /// Stable snake_case name (lbctl output, metrics labels).
@@ -908,6 +1155,9 @@ impl StatReason {
             StatReason::FragmentTranslated => "fragment_translated",
             StatReason::DropFragmentNoFirst => "drop_fragment_no_first",
             StatReason::ConntrackReopened => "conntrack_reopened",
+            StatReason::NewFlowWithoutSyn => "new_flow_without_syn",
+            StatReason::SnatPortTaken => "snat_port_taken",
+            StatReason::SnatPortReclaimed => "snat_port_reclaimed",
         }
     }
 
@@ -1017,7 +1267,7 @@ mod tests {
         assert_eq!(size_of::<NodeAddrValue>(), 4);
         assert_eq!(size_of::<UplinkAddr>(), 4);
         assert_eq!(size_of::<ServicePortNameValue>(), 148);
-        assert_eq!(size_of::<DatapathConfig>(), 48);
+        assert_eq!(size_of::<DatapathConfig>(), 96);
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(size_of::<SockRevNatKey>(), 16);
         assert_eq!(size_of::<SockRevNatValue>(), 16);
@@ -1142,7 +1392,7 @@ mod tests {
                 backend_id: 3,
                 service_id: 9,
                 flags,
-                _pad: 0,
+                created_s: 5,
                 last_seen_ns: 77,
             };
             let rk = fwd.peer(&fe);
@@ -1162,10 +1412,11 @@ mod tests {
             ..Default::default()
         };
         let fresh = ConntrackEntry {
-            last_seen_ns: 200 * s,
+            last_seen_ns: 290 * s,
             ..Default::default()
         };
-        let now = 200 * s;
+        // Idle 200 s: past UDP's 30 s and TCP SYN_SENT's 120 s.
+        let now = 300 * s;
         assert!(c.flow_expired(PROTO_UDP, &old, None, now));
         assert!(!c.flow_expired(PROTO_UDP, &old, Some(&fresh), now));
         assert!(!c.flow_expired(PROTO_UDP, &fresh, Some(&old), now));
@@ -1180,20 +1431,148 @@ mod tests {
 
     #[test]
     fn conntrack_lifetimes_follow_protocol_and_state() {
+        use ct_flags::*;
         let c = DatapathConfig::DEFAULT;
-        assert_eq!(c.ct_lifetime_ns(PROTO_UDP, 0), c.ct_udp_ns);
+        let est = TCP_SYN | SEEN_REPLY | TCP_ESTABLISHED;
+        // (proto, flags, state, default lifetime in s): kube-proxy's
+        // established (24 h) and close_wait (1 h), the kernel's others.
+        let cases = [
+            (PROTO_TCP, TCP_SYN, CtState::TcpSynSent, 120),
+            (PROTO_TCP, 0, CtState::TcpSynSent, 120),
+            (PROTO_TCP, TCP_SYN | SEEN_REPLY, CtState::TcpSynRecv, 60),
+            // Picked up mid-stream, both directions passed.
+            (PROTO_TCP, SEEN_REPLY, CtState::TcpSynRecv, 60),
+            (PROTO_TCP, est, CtState::TcpEstablished, 86_400),
+            (
+                PROTO_TCP,
+                est | SNAT | PORT_REMAP,
+                CtState::TcpEstablished,
+                86_400,
+            ),
+            (
+                PROTO_TCP,
+                est | TCP_FIN | FIN_FORWARD,
+                CtState::TcpCloseWait,
+                3_600,
+            ),
+            (
+                PROTO_TCP,
+                est | TCP_FIN | FIN_REPLY,
+                CtState::TcpCloseWait,
+                3_600,
+            ),
+            // A FIN without its direction (an entry of an older datapath).
+            (PROTO_TCP, est | TCP_FIN, CtState::TcpCloseWait, 3_600),
+            (
+                PROTO_TCP,
+                TCP_SYN | TCP_FIN | FIN_FORWARD,
+                CtState::TcpFinWait,
+                120,
+            ),
+            (
+                PROTO_TCP,
+                TCP_SYN | SEEN_REPLY | TCP_FIN | FIN_REPLY,
+                CtState::TcpFinWait,
+                120,
+            ),
+            (
+                PROTO_TCP,
+                est | TCP_FIN | FIN_FORWARD | FIN_REPLY,
+                CtState::TcpTimeWait,
+                120,
+            ),
+            (
+                PROTO_TCP,
+                TCP_SYN | TCP_FIN | FIN_FORWARD | FIN_REPLY,
+                CtState::TcpTimeWait,
+                120,
+            ),
+            (PROTO_TCP, TCP_SYN | TCP_RST, CtState::TcpClose, 10),
+            (PROTO_TCP, est | TCP_RST, CtState::TcpClose, 10),
+            (
+                PROTO_TCP,
+                est | TCP_FIN | FIN_FORWARD | FIN_REPLY | TCP_RST,
+                CtState::TcpClose,
+                10,
+            ),
+            (PROTO_UDP, 0, CtState::Udp, 30),
+            (PROTO_UDP, SEEN_REPLY, CtState::Udp, 30),
+            (PROTO_UDP, SEEN_REPLY | UDP_STREAM, CtState::UdpStream, 120),
+        ];
+        for (proto, flags, state, secs) in cases {
+            assert_eq!(CtState::of(proto, flags), state, "{proto} {flags:#x}");
+            assert_eq!(
+                c.ct_lifetime_ns(proto, flags),
+                secs * 1_000_000_000,
+                "{proto} {flags:#x} {state:?}"
+            );
+        }
+        // Every state reads its own field.
+        let mut custom = DatapathConfig::DEFAULT;
+        for (i, f) in [
+            &mut custom.ct_tcp_syn_sent_ns,
+            &mut custom.ct_tcp_syn_recv_ns,
+            &mut custom.ct_tcp_established_ns,
+            &mut custom.ct_tcp_fin_wait_ns,
+            &mut custom.ct_tcp_close_wait_ns,
+            &mut custom.ct_tcp_time_wait_ns,
+            &mut custom.ct_tcp_close_ns,
+            &mut custom.ct_udp_ns,
+            &mut custom.ct_udp_stream_ns,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            *f = i as u64 + 1;
+        }
+        let states = [
+            CtState::TcpSynSent,
+            CtState::TcpSynRecv,
+            CtState::TcpEstablished,
+            CtState::TcpFinWait,
+            CtState::TcpCloseWait,
+            CtState::TcpTimeWait,
+            CtState::TcpClose,
+            CtState::Udp,
+            CtState::UdpStream,
+        ];
+        for (i, st) in states.iter().enumerate() {
+            assert_eq!(custom.state_lifetime_ns(*st), i as u64 + 1, "{st:?}");
+        }
+        assert_eq!(custom.min_lifetime_ns(), 1);
+        assert_eq!(c.min_lifetime_ns(), 10 * 1_000_000_000);
+        // The shorthand sets every state but established.
+        let t = DatapathConfig::DEFAULT.with_tcp_transient_ns(7);
+        for st in &states[..7] {
+            let want = if *st == CtState::TcpEstablished {
+                c.ct_tcp_established_ns
+            } else {
+                7
+            };
+            assert_eq!(t.state_lifetime_ns(*st), want, "{st:?}");
+        }
         assert_eq!(
-            c.ct_lifetime_ns(PROTO_TCP, ct_flags::TCP_SYN),
-            c.ct_tcp_transient_ns
+            (t.ct_udp_ns, t.ct_udp_stream_ns),
+            (c.ct_udp_ns, c.ct_udp_stream_ns)
         );
-        assert_eq!(
-            c.ct_lifetime_ns(PROTO_TCP, ct_flags::TCP_ESTABLISHED),
-            c.ct_tcp_established_ns
-        );
-        assert_eq!(
-            c.ct_lifetime_ns(PROTO_TCP, ct_flags::TCP_ESTABLISHED | ct_flags::TCP_FIN),
-            c.ct_tcp_transient_ns
-        );
+    }
+
+    #[test]
+    fn udp_streams_start_two_seconds_after_creation() {
+        let s = 1_000_000_000u64;
+        let t0 = 1_000 * s + 300_000_000;
+        let c = created_s(t0);
+        assert!(!udp_stream_due(c, t0));
+        assert!(!udp_stream_due(c, t0 + s));
+        assert!(udp_stream_due(c, t0 + 2 * s));
+        assert!(udp_stream_due(c, t0 + 3_600 * s));
+        // Across the 2^16 s wrap.
+        let t1 = 65_535 * s;
+        let c = created_s(t1);
+        assert!(!udp_stream_due(c, t1 + s));
+        assert!(udp_stream_due(c, t1 + 2 * s));
+        // Entries that never had a creation time (0) are old enough.
+        assert!(udp_stream_due(0, 100 * s));
     }
 
     #[test]

@@ -25,18 +25,22 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
 };
 use lb_common::{
-    ct_flags, BackendValue, ConntrackEntry, ConntrackKey, DatapathConfig, StatReason,
-    CT_DIR_FORWARD, CT_DIR_REPLY, PROTO_TCP, PROTO_UDP,
+    ct_flags, udp_stream_due, BackendValue, ConntrackEntry, ConntrackKey, DatapathConfig,
+    StatReason, CT_DIR_FORWARD, CT_DIR_REPLY, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
-    maps::{LB_BACKENDS, LB_CONNTRACK},
+    maps::{config, SnatScratch, LB_BACKENDS, LB_CONNTRACK, LB_SNAT_SCRATCH},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::count,
 };
 
 /// How many SNAT port candidates a new flow probes at most.
-pub const SNAT_PROBES: u32 = 8;
+pub const SNAT_PROBES: u32 = 64;
+/// After this many taken candidates in a row, probing goes on from a new
+/// random place of the range (a run of taken ports, another CPU's recent
+/// claims, is not walked to its end).
+pub const SNAT_RUN: u32 = 8;
 
 const EEXIST: i32 = 17;
 
@@ -147,7 +151,7 @@ pub fn lookup_forward(cfg: &DatapathConfig, pkt: &Packet) -> Option<Forward> {
         count(StatReason::ConntrackReopened);
         return Some(Forward::Recreate);
     }
-    let bits = forward_bits(pkt, flags);
+    let bits = forward_bits(pkt, flags) | udp_stream_bit(pkt, flags, fwd.created_s, now);
     match rev {
         Some((rptr, _)) => refresh(rptr, bits, now),
         None => {
@@ -175,7 +179,14 @@ pub fn touch_reply(ptr: *mut ConntrackEntry, entry: &ConntrackEntry, pkt: &Packe
     let now = now();
     let rkey = key_of(pkt, CT_DIR_REPLY);
     let fkey = rkey.peer(entry);
-    let bits = ct_flags::SEEN_REPLY | tcp_bits(pkt);
+    let bits = ct_flags::SEEN_REPLY
+        | tcp_bits(pkt, ct_flags::FIN_REPLY)
+        | udp_stream_bit(
+            pkt,
+            entry.flags | ct_flags::SEEN_REPLY,
+            entry.created_s,
+            now,
+        );
     refresh(ptr, bits, now);
     match get(&fkey) {
         Some((fptr, fwd)) => {
@@ -238,9 +249,10 @@ pub fn in_snat_range(cfg: &DatapathConfig, port: u16) -> bool {
     p >= cfg.snat_port_min && p <= cfg.snat_port_max
 }
 
-/// Conntrack bits a TCP packet's flags set, in either direction.
+/// Conntrack bits a TCP packet's flags set: SYN, RST, and for a FIN both
+/// `TCP_FIN` and the direction's `fin_dir` (`FIN_FORWARD`, `FIN_REPLY`).
 #[inline(always)]
-pub fn tcp_bits(pkt: &Packet) -> u16 {
+pub fn tcp_bits(pkt: &Packet, fin_dir: u16) -> u16 {
     if pkt.proto != PROTO_TCP {
         return 0;
     }
@@ -250,7 +262,7 @@ pub fn tcp_bits(pkt: &Packet) -> u16 {
         bits |= ct_flags::TCP_SYN;
     }
     if f & TCP_FIN != 0 {
-        bits |= ct_flags::TCP_FIN;
+        bits |= ct_flags::TCP_FIN | fin_dir;
     }
     if f & TCP_RST != 0 {
         bits |= ct_flags::TCP_RST;
@@ -258,11 +270,27 @@ pub fn tcp_bits(pkt: &Packet) -> u16 {
     bits
 }
 
+/// UDP: `UDP_STREAM` when a packet of a flow with state `flags` (a reply
+/// seen) passes at least `UDP_STREAM_AFTER_S` after the flow's creation
+/// (`created_s`), as netfilter makes a UDP flow ASSURED: its lifetime
+/// becomes `ct_udp_stream_ns`.
+#[inline(always)]
+fn udp_stream_bit(pkt: &Packet, flags: u16, created_s: u16, now: u64) -> u16 {
+    if pkt.proto == PROTO_UDP
+        && flags & (ct_flags::SEEN_REPLY | ct_flags::UDP_STREAM) == ct_flags::SEEN_REPLY
+        && udp_stream_due(created_s, now)
+    {
+        ct_flags::UDP_STREAM
+    } else {
+        0
+    }
+}
+
 /// Bits a packet in the forward direction adds to an entry with `flags`:
 /// TCP flags, and ESTABLISHED for an ACK-only packet after a reply was seen.
 #[inline(always)]
 fn forward_bits(pkt: &Packet, flags: u16) -> u16 {
-    let mut bits = tcp_bits(pkt);
+    let mut bits = tcp_bits(pkt, ct_flags::FIN_FORWARD);
     if pkt.proto == PROTO_TCP
         && pkt.tcp_flags & (TCP_ACK | TCP_SYN | TCP_FIN | TCP_RST) == TCP_ACK
         && flags & ct_flags::SEEN_REPLY != 0
@@ -363,11 +391,7 @@ pub fn reply_tuple_taken(pkt: &Packet) -> bool {
 /// server, snat: client:port}, backend and service id 0. Returns the entry
 /// its packets get.
 #[inline(always)]
-pub fn remap_direct(
-    cfg: &DatapathConfig,
-    pkt: &Packet,
-    now: u64,
-) -> Result<ConntrackEntry, StatReason> {
+pub fn remap_direct(pkt: &Packet, now: u64) -> Result<ConntrackEntry, StatReason> {
     let server = BackendValue {
         addr: pkt.daddr,
         port: pkt.dport,
@@ -382,11 +406,11 @@ pub fn remap_direct(
         snat_port: pkt.sport,
         backend_id: 0,
         service_id: 0,
-        flags: tcp_bits(pkt) | ct_flags::SNAT | ct_flags::PORT_REMAP,
-        _pad: 0,
+        flags: tcp_bits(pkt, ct_flags::FIN_FORWARD) | ct_flags::SNAT | ct_flags::PORT_REMAP,
+        created_s: lb_common::created_s(now),
         last_seen_ns: now,
     };
-    let port = claim_snat_port(cfg, &server, pkt.saddr, pkt.proto, &rev)?;
+    let port = claim_snat_port(&server, pkt.saddr, pkt.proto, &rev)?;
     let fwd = ConntrackEntry {
         snat_port: port,
         ..rev
@@ -423,52 +447,172 @@ pub fn remove(key: &ConntrackKey) {
 }
 
 /// Picks a SNAT source port for a flow from `node_addr` to `backend` and
-/// inserts the flow's REPLY entry under it, in one step: a port is free when
-/// no REPLY entry (backend, node_addr, backend port, port) exists, and
-/// inserting with BPF_NOEXIST claims it atomically against other CPUs.
-/// Starts at a random port of `snat_port_min..=snat_port_max` and probes at
-/// most `SNAT_PROBES` consecutive ports. Returns the port, network order.
+/// inserts the flow's REPLY entry `reply` under it, in one step: a port is
+/// free when no REPLY entry (backend, node_addr, backend port, port)
+/// exists, and inserting with BPF_NOEXIST claims it atomically against
+/// other CPUs. Returns the port, network order. See
+/// [`probe_snat_ports`] for how candidates are chosen.
 #[inline(always)]
 pub fn claim_snat_port(
-    cfg: &DatapathConfig,
     backend: &BackendValue,
     node_addr: u32,
     proto: u8,
     reply: &ConntrackEntry,
 ) -> Result<u16, StatReason> {
+    let rc = probe_snat_ports(backend.addr, backend.port, node_addr, proto, reply);
+    if rc >= 0 {
+        Ok(rc as u16)
+    } else if rc == SNAT_ERR_FULL {
+        Err(StatReason::DropConntrackFull)
+    } else {
+        Err(StatReason::DropSnatExhausted)
+    }
+}
+
+const SNAT_ERR_EXHAUSTED: i32 = -1;
+const SNAT_ERR_FULL: i32 = -2;
+
+/// The probing of [`claim_snat_port`]: a port (network order, >= 0) or
+/// `SNAT_ERR_*`. A BPF function of its own whose frame is a few bytes:
+/// it is called from the new-flow step, which leaves little of the
+/// verifier's 512-byte stack; the key it probes with lives in the per-CPU
+/// `LB_SNAT_SCRATCH`.
+///
+/// Candidates, at most `SNAT_PROBES` (64) of `snat_port_min..=snat_port_max`:
+/// - start at this CPU's cursor, where its last claim ended (a random
+///   place the first time), and walk on port by port. Each CPU thus hands
+///   out the range in order, and the port after its cursor is the one it
+///   handed out longest ago: with flows that end in the order they start,
+///   the first candidate is free until the whole range is in use;
+/// - after `SNAT_RUN` taken candidates in a row (another CPU's recent
+///   claims, or flows that outlived their neighbours), jump to a random
+///   place and walk on from there;
+/// - a candidate is first looked up (cheap: a taken port costs one hash
+///   lookup, counted `snat_port_taken`), and claimed with a BPF_NOEXIST
+///   insert only when it looks free (another CPU may still win it: then
+///   it counts as taken too);
+/// - a new TCP connection (its first packet a SYN) may take over the port
+///   of a closed flow idle for 2 s (`reclaim_closed`): closed flows hold
+///   their ports for the TIME_WAIT lifetime (120 s) otherwise, which
+///   caps the connection rate per backend at the range size / 120 s.
+///
+/// The cursor moves past the port claimed, or is reset (the next claim
+/// starts at a random place) when nothing was found.
+// The keys are passed by reference on purpose: they point into the per-CPU
+// scratch value, and a by-value key would be copied onto the small stack.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(never)]
+fn probe_snat_ports(
+    backend_addr: u32,
+    backend_port: u16,
+    node_addr: u32,
+    proto: u8,
+    reply: &ConntrackEntry,
+) -> i32 {
+    let cfg = config();
     let min = cfg.snat_port_min as u32;
     let max = cfg.snat_port_max as u32;
+    let Some(s) = LB_SNAT_SCRATCH.get_ptr_mut(0) else {
+        return SNAT_ERR_EXHAUSTED;
+    };
     if max < min {
-        return Err(StatReason::DropSnatExhausted);
+        return SNAT_ERR_EXHAUSTED;
     }
     let range = max - min + 1;
-    // SAFETY: no preconditions.
-    let start = unsafe { bpf_get_prandom_u32() }
-        .checked_rem(range)
-        .unwrap_or(0);
-    for i in 0..SNAT_PROBES {
-        let mut off = start + i;
-        if off >= range {
-            off -= range;
-        }
-        if off >= range {
-            // Only with a range smaller than SNAT_PROBES.
-            break;
-        }
-        let port = ((min + off) as u16).to_be();
-        let k = key(
-            backend.addr,
+    // SAFETY: `s` is this CPU's scratch value; a program run is not
+    // preempted on its CPU, so nothing else touches it meanwhile.
+    unsafe {
+        (*s).key = key(
+            backend_addr,
             node_addr,
-            backend.port,
-            port,
+            backend_port,
+            0,
             proto,
             CT_DIR_REPLY,
         );
-        match LB_CONNTRACK.insert(k, reply, BPF_NOEXIST as u64) {
-            Ok(()) => return Ok(port),
-            Err(e) if e == -EEXIST => continue,
-            Err(_) => return Err(StatReason::DropConntrackFull),
+        // The cursor is the offset of the next candidate + 1 (0: none yet).
+        let mut off = (*s).cursor.wrapping_sub(1);
+        if off >= range {
+            off = random_below(range);
         }
+        let mut run = 0;
+        let reclaim = proto == PROTO_TCP && reply.flags & ct_flags::TCP_SYN != 0;
+        for _ in 0..SNAT_PROBES {
+            (*s).key.dport = ((min + off) as u16).to_be();
+            let free = match LB_CONNTRACK.get_ptr(&(*s).key) {
+                None => true,
+                Some(old) => reclaim && reclaim_closed(s, old, reply.last_seen_ns),
+            };
+            if free {
+                match LB_CONNTRACK.insert(&(*s).key, reply, BPF_NOEXIST as u64) {
+                    Ok(()) => {
+                        let next = off + 1;
+                        (*s).cursor = if next >= range { 1 } else { next + 1 };
+                        return i32::from((*s).key.dport);
+                    }
+                    Err(e) if e == -EEXIST => {}
+                    Err(_) => return SNAT_ERR_FULL,
+                }
+            }
+            count(StatReason::SnatPortTaken);
+            run += 1;
+            if run >= SNAT_RUN {
+                run = 0;
+                off = random_below(range);
+            } else {
+                off += 1;
+                if off >= range {
+                    off = 0;
+                }
+            }
+        }
+        (*s).cursor = 0;
     }
-    Err(StatReason::DropSnatExhausted)
+    SNAT_ERR_EXHAUSTED
+}
+
+/// How long a closed TCP flow (TIME_WAIT, CLOSE) must have been idle
+/// before a new connection may take over its SNAT port: the last ACK of
+/// the close and a retransmitted FIN have passed by then.
+const SNAT_RECLAIM_IDLE_NS: u64 = 2_000_000_000;
+
+/// A SNAT port candidate held by the REPLY entry `old` (under the scratch
+/// key): when that flow is closed (FIN both ways, or reset) and idle for
+/// `SNAT_RECLAIM_IDLE_NS`, both its entries are deleted and the port is
+/// free for a new connection (its SYN opens a new flow; netfilter likewise
+/// lets a new connection take over a tuple in TIME_WAIT). Counted
+/// `snat_port_reclaimed`. Otherwise the port is taken.
+#[allow(clippy::needless_borrows_for_generic_args)] // as in probe_snat_ports
+#[inline(always)]
+unsafe fn reclaim_closed(s: *mut SnatScratch, old: *const ConntrackEntry, now: u64) -> bool {
+    // SAFETY (whole function): `s` is this CPU's scratch value, `old` a
+    // valid map value pointer (read field by field, never kept).
+    unsafe {
+        let flags = (*old).flags;
+        let fin_both = ct_flags::FIN_FORWARD | ct_flags::FIN_REPLY;
+        if flags & ct_flags::TCP_RST == 0 && flags & fin_both != fin_both {
+            return false;
+        }
+        if now.saturating_sub((*old).last_seen_ns) < SNAT_RECLAIM_IDLE_NS {
+            return false;
+        }
+        // The flow's FORWARD entry goes too, if it is still this flow's.
+        (*s).old_forward = (*s).key.peer(&*old);
+        if let Some(f) = LB_CONNTRACK.get_ptr(&(*s).old_forward) {
+            if (*s).old_forward.peer(&*f) == (*s).key {
+                let _ = LB_CONNTRACK.remove(&(*s).old_forward);
+            }
+        }
+        let _ = LB_CONNTRACK.remove(&(*s).key);
+        count(StatReason::SnatPortReclaimed);
+        true
+    }
+}
+
+/// A random number in `0..n` (n > 0); the modulo bias is negligible for
+/// port ranges.
+#[inline(always)]
+fn random_below(n: u32) -> u32 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_get_prandom_u32() }.checked_rem(n).unwrap_or(0)
 }

@@ -31,7 +31,7 @@
 use aya_ebpf::programs::TcContext;
 use lb_common::{
     backend_flags, ct_flags, service_flags, BackendValue, ConntrackEntry, DatapathConfig,
-    ServiceValue, StatReason, CT_DIR_FORWARD, CT_DIR_REPLY, FRAG_DIR_INGRESS,
+    ServiceValue, StatReason, CT_DIR_FORWARD, CT_DIR_REPLY, FRAG_DIR_INGRESS, PROTO_TCP,
 };
 
 use crate::{
@@ -41,7 +41,7 @@ use crate::{
     icmp::{self, Related, Rewrite},
     maps::{config, LB_CONNTRACK},
     nat::{self, Route},
-    parse::{self, Frag, IcmpError, Packet, PROTO_ICMP},
+    parse::{self, Frag, IcmpError, Packet, PROTO_ICMP, TCP_SYN},
     reject, service,
     stats::{count, drop, pass},
     Hook,
@@ -160,7 +160,7 @@ fn decide(pkt: &mut Packet, plan: &mut Plan, svc: &mut ServiceValue) -> i32 {
     // refreshed: C1). An expired or moved flow is handled as a new one; its
     // old FORWARD entry goes first, so that the new one is inserted like
     // any other (BPF_NOEXIST, C2).
-    match conntrack::lookup_forward(&cfg, pkt) {
+    match conntrack::lookup_forward(cfg, pkt) {
         Some(Forward::Use(entry)) => {
             plan_forward(pkt, &entry, plan);
             return PLANNED;
@@ -174,7 +174,7 @@ fn decide(pkt: &mut Packet, plan: &mut Plan, svc: &mut ServiceValue) -> i32 {
     // (most of it) skips the lookup. On the uplink these are replies of
     // remote backends; on a pod's interface, of this pod as a local backend
     // (or as its own client, M4).
-    if conntrack::in_snat_range(&cfg, pkt.dport) {
+    if conntrack::in_snat_range(cfg, pkt.dport) {
         let rkey = conntrack::key_of(pkt, CT_DIR_REPLY);
         if let Some(ptr) = LB_CONNTRACK.get_ptr_mut(rkey) {
             // SAFETY: a valid map value pointer; copied out at once.
@@ -222,7 +222,7 @@ fn decide(pkt: &mut Packet, plan: &mut Plan, svc: &mut ServiceValue) -> i32 {
 /// entry would take gets its source port remapped.
 #[inline(never)]
 fn direct_clash(pkt: &mut Packet, plan: &mut Plan) -> i32 {
-    match conntrack::remap_direct(&config(), pkt, conntrack::now()) {
+    match conntrack::remap_direct(pkt, conntrack::now()) {
         Ok(entry) => {
             plan_forward(pkt, &entry, plan);
             PLANNED
@@ -311,7 +311,7 @@ fn execute(ctx: &TcContext, pkt: &mut Packet, plan: &Plan) -> i32 {
 #[inline(never)]
 fn icmp_error(ctx: &TcContext, e: &mut IcmpError) -> i32 {
     let cfg = config();
-    let snat_port = conntrack::in_snat_range(&cfg, e.inner_sport);
+    let snat_port = conntrack::in_snat_range(cfg, e.inner_sport);
     let mut w = Rewrite::default();
     let snat = match icmp::related_at_ingress(e, snat_port, &mut w) {
         Related::ToBackend { snat } => snat,
@@ -398,7 +398,7 @@ fn new_flow(
     hook: Hook,
     plan: &mut Plan,
 ) -> i32 {
-    let cfg = &config();
+    let cfg = config();
     let now = conntrack::now();
     // F7: sources outside a LoadBalancer's ranges never reach a backend
     // (nor learn whether it has any).
@@ -451,7 +451,8 @@ fn new_flow(
     } else {
         0
     };
-    let flags = conntrack::tcp_bits(pkt) | if snat { ct_flags::SNAT } else { 0 };
+    let flags =
+        conntrack::tcp_bits(pkt, ct_flags::FIN_FORWARD) | if snat { ct_flags::SNAT } else { 0 };
 
     let mut fwd = ConntrackEntry {
         nat_addr: be.addr,
@@ -461,7 +462,7 @@ fn new_flow(
         backend_id,
         service_id: svc.service_id,
         flags,
-        _pad: 0,
+        created_s: lb_common::created_s(now),
         last_seen_ns: now,
     };
     let mut rev = ConntrackEntry {
@@ -477,7 +478,7 @@ fn new_flow(
     let rkey = if snat {
         rev.snat_addr = pkt.saddr;
         rev.snat_port = pkt.sport;
-        let port = match conntrack::claim_snat_port(cfg, &be, snat_addr, pkt.proto, &rev) {
+        let port = match conntrack::claim_snat_port(&be, snat_addr, pkt.proto, &rev) {
             Ok(p) => p,
             Err(reason) => return drop(reason),
         };
@@ -504,7 +505,7 @@ fn new_flow(
                 rev.flags |= bits;
                 rev.snat_addr = pkt.saddr;
                 rev.snat_port = pkt.sport;
-                let port = match conntrack::claim_snat_port(cfg, &be, pkt.saddr, pkt.proto, &rev) {
+                let port = match conntrack::claim_snat_port(&be, pkt.saddr, pkt.proto, &rev) {
                     Ok(p) => p,
                     Err(reason) => return drop(reason),
                 };
@@ -536,6 +537,9 @@ fn new_flow(
         }
     }
     count(StatReason::NewFlow);
+    if pkt.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN == 0 {
+        count(StatReason::NewFlowWithoutSyn);
+    }
     plan_forward(pkt, &fwd, plan);
     plan.event = Event::None;
     PLANNED

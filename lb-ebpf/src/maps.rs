@@ -125,14 +125,37 @@ pub static LB_LAYOUT: Array<u32, 1> = Array::new();
 #[unsafe(no_mangle)]
 static LB_CONFIG: DatapathConfig = DatapathConfig::DEFAULT;
 
-/// Reads `LB_CONFIG`. The volatile read keeps the compiler from folding the
-/// compiled-in default into the code: the loader patches the value in
-/// `.rodata` before the program is verified.
+/// `LB_CONFIG`, read in place. The address goes through a volatile read,
+/// which keeps the compiler from folding the compiled-in default into the
+/// code (the loader patches the value in `.rodata` before the program is
+/// verified); the fields are then read where they are used, so the struct
+/// (96 bytes) is never copied onto the stack.
 #[inline(always)]
-pub fn config() -> DatapathConfig {
-    // SAFETY: LB_CONFIG is a valid, aligned static.
-    unsafe { core::ptr::read_volatile(&LB_CONFIG) }
+pub fn config() -> &'static DatapathConfig {
+    let p: *const DatapathConfig = &LB_CONFIG;
+    // SAFETY: reading a local pointer; it points to the valid, aligned,
+    // immutable static LB_CONFIG.
+    unsafe { &*core::ptr::read_volatile(&p) }
 }
+
+/// What `conntrack::claim_snat_port` keeps per CPU: the key it probes
+/// with (the new-flow path that calls it has no stack left for one) and
+/// where the next probe of this CPU starts.
+#[repr(C)]
+pub struct SnatScratch {
+    pub key: ConntrackKey,
+    /// The FORWARD key of a closed flow whose port is being reclaimed.
+    pub old_forward: ConntrackKey,
+    /// Offset in the SNAT port range of the next candidate, plus 1 (0:
+    /// pick a random one first).
+    pub cursor: u32,
+    pub _pad: u32,
+}
+
+/// Per-CPU [`SnatScratch`]. Not pinned (not a `map_names` entry): a new
+/// datapath starts with fresh cursors, which is fine.
+#[btf_map]
+pub static LB_SNAT_SCRATCH: PerCpuArray<SnatScratch, 1> = PerCpuArray::new();
 
 /// Makes the programs reference the maps no program reads (yet), so that
 /// the loader creates and pins them with the rest: the linker drops

@@ -467,10 +467,12 @@ fn default_values() {
             "--bpffs=/sys/fs/bpf/lb",
             "--healthz-bind-address=0.0.0.0:10256",
             "--metrics-bind-address=127.0.0.1:10249",
-            "--conntrack-tcp-established-timeout=6h",
-            "--conntrack-tcp-transient-timeout=60s",
-            "--conntrack-udp-timeout=60s",
+            "--conntrack-tcp-timeout-established=24h",
+            "--conntrack-tcp-timeout-close-wait=1h",
+            "--conntrack-udp-timeout=30s",
+            "--conntrack-udp-timeout-stream=120s",
             "--conntrack-gc-interval=30s",
+            "--snat-port-range=10000-29999",
             "--sync-period=30s",
             "--log-level=info",
         ])
@@ -617,10 +619,13 @@ fn custom_values_reach_the_objects() {
             "--nodeport-addresses=192.0.2.0/24,198.51.100.0/25",
             "--healthz-bind-address=[::]:20256",
             "--metrics-bind-address=0.0.0.0:20249",
-            "--conntrack-tcp-established-timeout=12h",
+            "--conntrack-tcp-timeout-established=12h",
+            "--conntrack-tcp-timeout-close-wait=1h",
             "--conntrack-tcp-transient-timeout=90s",
             "--conntrack-udp-timeout=45s",
+            "--conntrack-udp-timeout-stream=120s",
             "--conntrack-gc-interval=15s",
+            "--snat-port-range=10000-29999",
             "--sync-period=5m",
             "--poll-interval=2s",
             "--log-level=debug",
@@ -769,6 +774,45 @@ fn socket_lb_off_mounts_no_cgroup() {
     assert!(
         !args.iter().any(|a| a.starts_with("--cgroup-path")),
         "{args:?}"
+    );
+}
+
+/// #9 item 4/5: every conntrack lifetime value and the SNAT port range
+/// become the agent's flags (kube-proxy's names where it has them).
+#[test]
+fn conntrack_lifetimes_and_snat_port_range_become_flags() {
+    let tmp = TempDir::new("conntrack");
+    let values = tmp.write(
+        "values.yaml",
+        "agent:\n  snatPortRange: 40000-49999\n  conntrack:\n    tcpEstablishedTimeout: 2h\n    \
+         tcpCloseWaitTimeout: 30m\n    tcpSynSentTimeout: 11s\n    tcpSynRecvTimeout: 12s\n    \
+         tcpFinWaitTimeout: 13s\n    tcpTimeWaitTimeout: 14s\n    tcpCloseTimeout: 15s\n    \
+         tcpTransientTimeout: 16s\n    udpTimeout: 17s\n    udpStreamTimeout: 18s\n    \
+         gcInterval: 19s\n",
+    );
+    let r = render_release(Some(&values));
+    let args = r.agent().args.clone().unwrap_or_default();
+    let ct: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| a.starts_with("--conntrack-") || a.starts_with("--snat-"))
+        .collect();
+    assert_eq!(
+        ct,
+        [
+            "--conntrack-tcp-timeout-established=2h",
+            "--conntrack-tcp-timeout-close-wait=30m",
+            "--conntrack-tcp-timeout-syn-sent=11s",
+            "--conntrack-tcp-timeout-syn-recv=12s",
+            "--conntrack-tcp-timeout-fin-wait=13s",
+            "--conntrack-tcp-timeout-time-wait=14s",
+            "--conntrack-tcp-timeout-close=15s",
+            "--conntrack-tcp-transient-timeout=16s",
+            "--conntrack-udp-timeout=17s",
+            "--conntrack-udp-timeout-stream=18s",
+            "--conntrack-gc-interval=19s",
+            "--snat-port-range=40000-49999",
+        ]
     );
 }
 

@@ -19,7 +19,7 @@ use std::process::Command;
 use aya::maps::{Map, MapType};
 use lb_common::{
     backend_flags, ct_flags, ipv4_to_net, map_names, program_names, service_flags, AffinityKey,
-    AffinityValue, ConntrackEntry, ConntrackKey, DatapathConfig, ServiceValue, StatReason,
+    AffinityValue, ConntrackEntry, ConntrackKey, CtState, DatapathConfig, ServiceValue, StatReason,
     CT_DIR_FORWARD, CT_DIR_REPLY, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_SLOTS, MAX_CONNTRACK,
     MAX_NODE_ADDRS, MAX_SERVICES, PROTO_TCP, PROTO_UDP, STAT_COUNT,
 };
@@ -148,7 +148,8 @@ fn assert_entry(e: &ConntrackEntry, want: &Ct, after: u64) {
         backend_id: want.backend_id,
         service_id: want.service_id,
         flags: want.flags,
-        _pad: 0,
+        // When it was created: checked by the tests of UDP streams.
+        created_s: e.created_s,
         last_seen_ns: e.last_seen_ns,
     };
     assert_eq!(*e, expected);
@@ -1015,7 +1016,7 @@ fn established_flow_keeps_its_backend_and_tracks_tcp_state() {
             POD_INGRESS,
             &tcp(sa(CLIENT), sa(VIP), TCP_FIN | TCP_ACK).build(),
         );
-        let closing = est | ct_flags::TCP_FIN;
+        let closing = est | ct_flags::TCP_FIN | ct_flags::FIN_FORWARD;
         assert_eq!(dp.ct(&fkey).unwrap().flags, closing);
         assert_eq!(dp.ct(&rkey).unwrap().flags, closing);
         let r = dp.run(POD_EGRESS, &tcp(chosen, sa(CLIENT), TCP_RST).build());
@@ -1041,8 +1042,7 @@ fn expired_conntrack_entry_is_a_new_flow() {
         // be older than any of them.
         let mut dp = Datapath::load_with(DatapathConfig {
             ct_tcp_established_ns: 5_000_000_000,
-            ct_tcp_transient_ns: 5_000_000_000,
-            ..DatapathConfig::DEFAULT
+            ..DatapathConfig::DEFAULT.with_tcp_transient_ns(5_000_000_000)
         });
         web(&mut dp);
         // A stale established entry, idle for 10 s, that points elsewhere.
@@ -2003,6 +2003,8 @@ fn m2_snat_ports_are_collision_checked_and_exhaustion_drops() {
         let (up0, _) = uplink_netns(true);
         let mut dp = Datapath::load_with(cfg);
         remote_nodeport(&mut dp);
+        // One CPU: its SNAT cursor hands out the ports in turn.
+        pin_to_cpu(allowed_cpus()[0]);
         let fe = SocketAddrV4::new(NODE, 30080);
         let mut ports = BTreeSet::new();
         for cport in [51000u16, 51001] {
@@ -2027,6 +2029,9 @@ fn m2_snat_ports_are_collision_checked_and_exhaustion_drops() {
             (StatReason::Packets, 3),
             (StatReason::NewFlow, 2),
             (StatReason::Redirected, 2),
+            // The second flow's first candidate was free; the third tried
+            // every probe.
+            (StatReason::SnatPortTaken, 64),
             (StatReason::DropSnatExhausted, 1),
         ]);
     });
@@ -3494,10 +3499,8 @@ fn c1_a_tcp_flow_idle_past_the_transient_timeout_lives_when_established() {
     // state; a flow that never completed its handshake gets the short one.
     require_privileges!();
     in_private_netns(|| {
-        let mut dp = Datapath::load_with(DatapathConfig {
-            ct_tcp_transient_ns: 5_000_000_000,
-            ..DatapathConfig::DEFAULT
-        });
+        let mut dp =
+            Datapath::load_with(DatapathConfig::DEFAULT.with_tcp_transient_ns(5_000_000_000));
         web(&mut dp);
         let fkey = ct_key(sa(CLIENT), sa(VIP), PROTO_TCP, CT_DIR_FORWARD);
         let rkey = ct_key(sa(BACKEND_1), sa(CLIENT), PROTO_TCP, CT_DIR_REPLY);
@@ -3807,6 +3810,10 @@ fn c2_one_client_port_to_two_frontends_of_one_backend_remaps_the_second() {
             dp.assert_stats(&[
                 (StatReason::Packets, 6),
                 (StatReason::NewFlow, 2),
+                (
+                    StatReason::NewFlowWithoutSyn,
+                    2 * u64::from(proto == PROTO_TCP),
+                ),
                 (StatReason::PortRemapped, 1),
                 (StatReason::ReplyTranslated, 2),
                 (StatReason::ForwardTranslated, 1),
@@ -4111,6 +4118,7 @@ fn c3_errors_toward_a_pod_client_are_translated_at_its_egress() {
                     dp.assert_stats(&[
                         (StatReason::Packets, 4),
                         (StatReason::NewFlow, 1),
+                        (StatReason::NewFlowWithoutSyn, u64::from(proto == PROTO_TCP)),
                         (StatReason::IcmpErrorTranslated, 1),
                         (StatReason::PassTranslated, 2),
                         (StatReason::PassOtherProto, 2),
@@ -4259,6 +4267,7 @@ fn c3_errors_of_snat_flows_are_translated_and_redirected_on_the_uplink() {
         dp.assert_stats(&[
             (StatReason::Packets, 3),
             (StatReason::NewFlow, 1),
+            (StatReason::NewFlowWithoutSyn, 1),
             (StatReason::IcmpErrorTranslated, 2),
             (StatReason::Redirected, 3),
         ]);
@@ -4308,6 +4317,7 @@ fn c3_a_packet_too_big_for_the_route_is_answered_with_frag_needed() {
         dp.assert_stats(&[
             (StatReason::Packets, 2),
             (StatReason::NewFlow, 1),
+            (StatReason::NewFlowWithoutSyn, 1),
             (StatReason::ForwardTranslated, 1),
             (StatReason::IcmpFragNeededSent, 1),
             (StatReason::Redirected, 1),
@@ -4384,5 +4394,540 @@ fn c3_unrelated_or_malformed_icmp_errors_pass_unchanged() {
             (StatReason::PassTranslated, 1),
             (StatReason::PassOtherProto, n - 1),
         ]);
+    });
+}
+
+// ---------------------------------------------------------------------------
+// SNAT port capacity and conntrack floods (#9 item 5)
+// ---------------------------------------------------------------------------
+
+/// The CPUs this thread may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer and size.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    assert_eq!(rc, 0, "sched_getaffinity");
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: i < CPU_SETSIZE.
+        .filter(|i| unsafe { libc::CPU_ISSET(*i, &set) })
+        .collect()
+}
+
+/// Moves the calling thread to `cpu`: BPF_PROG_TEST_RUN runs the program
+/// on the caller's CPU, so per-CPU state (counters, the SNAT cursor) is
+/// that CPU's.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: as above.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: cpu < CPU_SETSIZE.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: valid pointer and size.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    assert_eq!(rc, 0, "sched_setaffinity {cpu}");
+}
+
+/// M2/#9: how many concurrent SNAT'ed flows to one backend fit in the
+/// default SNAT port range before a new one is dropped
+/// (`drop_snat_exhausted`): new flows from distinct clients to a NodePort
+/// whose only backend is remote, spread over every CPU in turn (each CPU
+/// probes from its own state), none of them closing. A measurement: the
+/// numbers are printed; the assertions are loose floors.
+#[test]
+fn snat_ports_per_backend_capacity() {
+    require_privileges!();
+    in_private_netns(|| {
+        let cfg = DatapathConfig::DEFAULT;
+        let (up0, _) = uplink_netns(true);
+        let mut dp = Datapath::load_programs(cfg, &[UPLINK_INGRESS]).unwrap();
+        remote_nodeport(&mut dp);
+        let fe = SocketAddrV4::new(NODE, 30080);
+        let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
+        let cpus = allowed_cpus();
+        let attempts = range + range / 10;
+        let mut ok = 0u32;
+        let mut first_fail = None;
+        let mut ok_at_range = 0;
+        let mut fails_by_decile = [0u32; 11];
+        for i in 0..attempts {
+            pin_to_cpu(cpus[i as usize % cpus.len()]);
+            let c = SocketAddrV4::new(
+                Ipv4Addr::new(198, 51, 100, 7 + (i / 60_000) as u8),
+                1024 + (i % 60_000) as u16,
+            );
+            let r = dp.run_on(UPLINK_INGRESS, &tcp(c, fe, TCP_SYN).build(), up0);
+            if r.ret == TC_ACT_REDIRECT {
+                ok += 1;
+            } else {
+                assert_eq!(r.ret, TC_ACT_SHOT);
+                first_fail.get_or_insert(ok);
+                fails_by_decile[(i * 10 / range) as usize] += 1;
+            }
+            if i + 1 == range {
+                ok_at_range = ok;
+            }
+        }
+        pin_to_cpu(cpus[0]);
+        let first_fail = first_fail.unwrap_or(ok);
+        eprintln!(
+            "SNAT range {}-{} ({range} ports), {} CPUs: first drop after {first_fail} \
+             concurrent flows ({:.1}% of the range); {ok_at_range} flows after {range} \
+             attempts ({:.1}%); {ok} after {attempts}; drops per tenth of the range \
+             attempted: {fails_by_decile:?}",
+            cfg.snat_port_min,
+            cfg.snat_port_max,
+            cpus.len(),
+            100.0 * f64::from(first_fail) / f64::from(range),
+            100.0 * f64::from(ok_at_range) / f64::from(range),
+        );
+        assert_eq!(dp.stat(StatReason::NewFlow), u64::from(ok));
+        assert_eq!(
+            dp.stat(StatReason::DropSnatExhausted),
+            u64::from(attempts - ok)
+        );
+        dp.assert_outcomes_sum();
+    });
+}
+
+// ---------------------------------------------------------------------------
+// #9 item 4: conntrack lifetimes per protocol and TCP state
+// ---------------------------------------------------------------------------
+
+/// Lifetimes short enough to age entries past them (the machine has been
+/// up longer), each state its own.
+fn short_lifetimes() -> DatapathConfig {
+    let s = 1_000_000_000;
+    DatapathConfig {
+        ct_tcp_syn_sent_ns: 10 * s,
+        ct_tcp_syn_recv_ns: 20 * s,
+        ct_tcp_established_ns: 600 * s,
+        ct_tcp_fin_wait_ns: 30 * s,
+        ct_tcp_close_wait_ns: 300 * s,
+        ct_tcp_time_wait_ns: 50 * s,
+        ct_tcp_close_ns: 5 * s,
+        ct_udp_ns: 10 * s,
+        ct_udp_stream_ns: 100 * s,
+        ..DatapathConfig::DEFAULT
+    }
+}
+
+/// Drives the flow `client` -> VIP (one backend, BACKEND_1) into `state`
+/// with real packets, each translation checked byte for byte.
+fn drive_tcp_into(dp: &Datapath, client: SocketAddrV4, state: CtState) {
+    let fwd = |flags: u8| {
+        let p = tcp(client, sa(VIP), flags);
+        let r = dp.run(POD_INGRESS, &p.build());
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
+        assert_frame_eq(&r.out, &p.with_destination(sa(BACKEND_1)).build());
+    };
+    let rev = |flags: u8| {
+        let p = tcp(sa(BACKEND_1), client, flags);
+        let r = dp.run(POD_EGRESS, &p.build());
+        assert_eq!(r.ret, TC_ACT_UNSPEC);
+        assert_frame_eq(&r.out, &p.with_source(sa(VIP)).build());
+    };
+    fwd(TCP_SYN);
+    match state {
+        CtState::TcpSynSent => {}
+        CtState::TcpFinWait => fwd(TCP_FIN | TCP_ACK),
+        _ => {
+            rev(TCP_SYN | TCP_ACK);
+            if state == CtState::TcpSynRecv {
+                return;
+            }
+            fwd(TCP_ACK);
+            match state {
+                CtState::TcpCloseWait => fwd(TCP_FIN | TCP_ACK),
+                CtState::TcpTimeWait => {
+                    fwd(TCP_FIN | TCP_ACK);
+                    rev(TCP_FIN | TCP_ACK);
+                }
+                CtState::TcpClose => rev(TCP_RST),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// #9 item 4: each TCP state has its own idle lifetime. A flow idle 2 s
+/// less than its state's lifetime is used (same entries, no
+/// `conntrack_expired`); one idle 2 s more is a new flow
+/// (`conntrack_expired`, and `new_flow_without_syn` for the ACK that
+/// opened it again).
+#[test]
+fn i9_each_tcp_state_expires_after_its_own_lifetime() {
+    require_privileges!();
+    in_private_netns(|| {
+        let cfg = short_lifetimes();
+        let s = 1_000_000_000u64;
+        for (i, state) in [
+            CtState::TcpSynSent,
+            CtState::TcpSynRecv,
+            CtState::TcpEstablished,
+            CtState::TcpFinWait,
+            CtState::TcpCloseWait,
+            CtState::TcpTimeWait,
+            CtState::TcpClose,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut dp = Datapath::load_with(cfg);
+            dp.add_service(&ServiceEntry::cluster_ip(
+                1,
+                sa(VIP),
+                PROTO_TCP,
+                vec![be(11, BACKEND_1)],
+            ));
+            let lifetime = cfg.state_lifetime_ns(state);
+            for (j, (idle, expires)) in [(lifetime - 2 * s, false), (lifetime + 2 * s, true)]
+                .into_iter()
+                .enumerate()
+            {
+                let client = SocketAddrV4::new(
+                    Ipv4Addr::new(10, 244, 0, 5),
+                    41_000 + 10 * i as u16 + j as u16,
+                );
+                drive_tcp_into(&dp, client, state);
+                let fkey = ct_key(client, sa(VIP), PROTO_TCP, CT_DIR_FORWARD);
+                let rkey = ct_key(sa(BACKEND_1), client, PROTO_TCP, CT_DIR_REPLY);
+                let (f, r) = (dp.ct(&fkey).unwrap(), dp.ct(&rkey).unwrap());
+                assert_eq!(
+                    f.flags, r.flags,
+                    "{state:?}: both entries hold both directions"
+                );
+                assert_eq!(CtState::of(PROTO_TCP, f.flags), state, "{:#x}", f.flags);
+                let t = boot_ns() - idle;
+                age(&mut dp, fkey, t);
+                age(&mut dp, rkey, t);
+                let expired_before = dp.stat(StatReason::ConntrackExpired);
+                let p = tcp(client, sa(VIP), TCP_ACK | TCP_PSH);
+                let out = dp.run(POD_INGRESS, &p.build());
+                assert_eq!(out.ret, TC_ACT_UNSPEC);
+                assert_frame_eq(&out.out, &p.with_destination(sa(BACKEND_1)).build());
+                let f = dp.ct(&fkey).unwrap();
+                assert_eq!(
+                    dp.stat(StatReason::ConntrackExpired) - expired_before,
+                    u64::from(expires),
+                    "{state:?} idle {} s",
+                    idle / s
+                );
+                if expires {
+                    // A new flow opened by a packet without SYN: its state
+                    // starts over.
+                    assert_eq!(f.flags, 0, "{state:?}");
+                } else {
+                    // The same flow: the SYN that opened it is still in it.
+                    assert_ne!(f.flags & ct_flags::TCP_SYN, 0, "{state:?}");
+                }
+            }
+            // The second flow of each state was re-created by an ACK.
+            assert_eq!(dp.stat(StatReason::NewFlowWithoutSyn), 1, "{state:?}");
+            assert_eq!(dp.stat(StatReason::NewFlow), 3, "{state:?}");
+            dp.assert_outcomes_sum();
+        }
+    });
+}
+
+/// #9 item 4: a UDP flow becomes a stream (netfilter's ASSURED UDP flow,
+/// `ct_udp_stream_ns`) with a packet at least 2 s after its creation once
+/// a reply was seen; a query and its answer alone stay on `ct_udp_ns`, as
+/// does a flow that was never answered however old.
+#[test]
+fn i9_udp_flows_become_streams_after_a_reply_and_two_seconds() {
+    require_privileges!();
+    in_private_netns(|| {
+        let cfg = short_lifetimes();
+        let s = 1_000_000_000u64;
+        let mut dp = Datapath::load_with(cfg);
+        let dns = sa("10.96.0.10:53");
+        let backend = sa("10.244.1.11:5353");
+        dp.add_service(&ServiceEntry::cluster_ip(
+            7,
+            dns,
+            PROTO_UDP,
+            vec![be(71, "10.244.1.11:5353")],
+        ));
+        let query = |dp: &Datapath, c: SocketAddrV4| {
+            let q = udp(c, dns);
+            let r = dp.run(POD_INGRESS, &q.build());
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
+            assert_frame_eq(&r.out, &q.with_destination(backend).build());
+        };
+        let answer = |dp: &Datapath, c: SocketAddrV4| {
+            let a = udp(backend, c);
+            let r = dp.run(POD_EGRESS, &a.build());
+            assert_eq!(r.ret, TC_ACT_UNSPEC);
+            assert_frame_eq(&r.out, &a.with_source(dns).build());
+        };
+        let keys = |c: SocketAddrV4| {
+            (
+                ct_key(c, dns, PROTO_UDP, CT_DIR_FORWARD),
+                ct_key(backend, c, PROTO_UDP, CT_DIR_REPLY),
+            )
+        };
+        // Moves a flow's creation `secs` seconds into the past.
+        let created_ago = |dp: &mut Datapath, c: SocketAddrV4, secs: u16| {
+            let (fk, rk) = keys(c);
+            for k in [fk, rk] {
+                let mut e = dp.ct(&k).unwrap();
+                e.created_s = e.created_s.wrapping_sub(secs);
+                dp.ct_insert(k, e);
+            }
+        };
+        let stream = SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 5), 40100);
+        let dns_only = SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 5), 40101);
+        let unanswered = SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 5), 40102);
+        let t0 = boot_ns();
+        for c in [stream, dns_only, unanswered] {
+            query(&dp, c);
+            let (fk, rk) = keys(c);
+            let now_s = lb_common::created_s(boot_ns());
+            for k in [fk, rk] {
+                let e = dp.ct(&k).unwrap();
+                assert!(
+                    e.created_s == lb_common::created_s(t0) || e.created_s == now_s,
+                    "created_s {} of {k:?}",
+                    e.created_s
+                );
+            }
+        }
+        // A query and its answer within the first seconds: not a stream.
+        answer(&dp, stream);
+        answer(&dp, dns_only);
+        query(&dp, stream);
+        let (fk, rk) = keys(stream);
+        assert_eq!(
+            CtState::of(PROTO_UDP, dp.ct(&fk).unwrap().flags),
+            CtState::Udp
+        );
+        // 3 s later: the next packet of the answered flow makes it a
+        // stream, both entries; the unanswered one stays UDP.
+        created_ago(&mut dp, stream, 3);
+        created_ago(&mut dp, unanswered, 3);
+        query(&dp, stream);
+        query(&dp, unanswered);
+        let both = ct_flags::SEEN_REPLY | ct_flags::UDP_STREAM;
+        assert_eq!(dp.ct(&fk).unwrap().flags, both);
+        assert_eq!(dp.ct(&rk).unwrap().flags, both);
+        let (ufk, _) = keys(unanswered);
+        assert_eq!(dp.ct(&ufk).unwrap().flags, 0);
+        // A reply alone promotes too (the answered flow's reply 3 s on).
+        created_ago(&mut dp, dns_only, 3);
+        answer(&dp, dns_only);
+        let (dfk, drk) = keys(dns_only);
+        assert_eq!(dp.ct(&drk).unwrap().flags, both);
+        assert_eq!(dp.ct(&dfk).unwrap().flags, both);
+        // Idle 50 s: past ct_udp_ns (10 s), within ct_udp_stream_ns (100 s).
+        let idle = boot_ns() - 50 * s;
+        for c in [stream, unanswered] {
+            let (f, r) = keys(c);
+            age(&mut dp, f, idle);
+            age(&mut dp, r, idle);
+        }
+        let expired = dp.stat(StatReason::ConntrackExpired);
+        query(&dp, stream);
+        assert_eq!(dp.stat(StatReason::ConntrackExpired), expired);
+        assert_eq!(dp.ct(&fk).unwrap().flags, both, "the stream is kept");
+        query(&dp, unanswered);
+        assert_eq!(dp.stat(StatReason::ConntrackExpired), expired + 1);
+        // Idle 101 s: the stream too.
+        let idle = boot_ns() - 101 * s;
+        age(&mut dp, fk, idle);
+        age(&mut dp, rk, idle);
+        query(&dp, stream);
+        assert_eq!(dp.stat(StatReason::ConntrackExpired), expired + 2);
+        assert_eq!(dp.ct(&fk).unwrap().flags, 0, "a new flow");
+        dp.assert_outcomes_sum();
+    });
+}
+
+/// #9 item 5: SNAT port probing finds the free ports of a mostly taken
+/// range (75 % of 1000 ports held by live flows to the same backend,
+/// scattered), counting the taken candidates (`snat_port_taken`); a range
+/// that is truly full drops the flow (`drop_snat_exhausted`) after
+/// `SNAT_PROBES` (64) candidates.
+#[test]
+fn m2_snat_probing_finds_free_ports_in_a_mostly_taken_range() {
+    require_privileges!();
+    in_private_netns(|| {
+        let cfg = DatapathConfig {
+            snat_port_min: 20_000,
+            snat_port_max: 20_999,
+            ..DatapathConfig::DEFAULT
+        };
+        let (up0, _) = uplink_netns(true);
+        let mut dp = Datapath::load_with(cfg);
+        remote_nodeport(&mut dp);
+        let fe = SocketAddrV4::new(NODE, 30080);
+        let client = |i: u32| SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 9), 1024 + i as u16);
+        let syn = |dp: &Datapath, i: u32| {
+            let f = tcp(client(i), fe, TCP_SYN).build();
+            dp.run_on(UPLINK_INGRESS, &f, up0)
+        };
+        // A first flow shows the REPLY key the SNAT ports are claimed in.
+        let r = syn(&dp, 0);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        let first = dp
+            .ct(&ct_key(client(0), fe, PROTO_TCP, CT_DIR_FORWARD))
+            .unwrap();
+        let mut taken: BTreeSet<u16> = BTreeSet::from([u16::from_be(first.snat_port)]);
+        let reply_key = |port: u16| ConntrackKey {
+            saddr: first.nat_addr,
+            daddr: first.snat_addr,
+            sport: first.nat_port,
+            dport: port.to_be(),
+            proto: PROTO_TCP,
+            dir: CT_DIR_REPLY,
+            _pad: [0; 2],
+        };
+        let reply = dp.ct(&reply_key(u16::from_be(first.snat_port))).unwrap();
+        // Live flows on a scattered 75 % of the range (xorshift, fixed seed).
+        let mut x = 0x9e37_79b9u32;
+        while taken.len() < 750 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let port = 20_000 + (x % 1000) as u16;
+            if taken.insert(port) {
+                dp.ct_insert(
+                    reply_key(port),
+                    ConntrackEntry {
+                        last_seen_ns: boot_ns(),
+                        ..reply
+                    },
+                );
+            }
+        }
+        let cpus = allowed_cpus();
+        for i in 1..=50 {
+            pin_to_cpu(cpus[i as usize % cpus.len()]);
+            let r = syn(&dp, i);
+            assert_eq!(r.ret, TC_ACT_REDIRECT, "flow {i}");
+            let port = tuple(&r.out).src.port();
+            assert!(
+                (20_000..=20_999).contains(&port) && taken.insert(port),
+                "flow {i}: port {port} was taken"
+            );
+        }
+        pin_to_cpu(cpus[0]);
+        let probed = dp.stat(StatReason::SnatPortTaken);
+        eprintln!("51 flows in a 75 %-full range of 1000 ports: {probed} taken candidates");
+        assert!(probed > 0, "candidates were taken");
+        assert_eq!(dp.stat(StatReason::DropSnatExhausted), 0);
+        // Full: every port held.
+        for port in 20_000..=20_999u16 {
+            if taken.insert(port) {
+                dp.ct_insert(
+                    reply_key(port),
+                    ConntrackEntry {
+                        last_seen_ns: boot_ns(),
+                        ..reply
+                    },
+                );
+            }
+        }
+        let r = syn(&dp, 60);
+        assert_eq!(r.ret, TC_ACT_SHOT);
+        assert_eq!(dp.stat(StatReason::DropSnatExhausted), 1);
+        assert_eq!(dp.stat(StatReason::SnatPortTaken), probed + 64);
+        assert!(dp
+            .ct(&ct_key(client(60), fe, PROTO_TCP, CT_DIR_FORWARD))
+            .is_none());
+        assert_eq!(dp.stat(StatReason::NewFlow), 51);
+        dp.assert_outcomes_sum();
+    });
+}
+
+/// #9 item 5: a new TCP connection takes over the SNAT port of a closed
+/// flow (FIN both ways, or reset) to the same backend once it has been
+/// idle 2 s (`snat_port_reclaimed`; both of the old flow's entries go),
+/// instead of waiting out its TIME_WAIT lifetime; an open flow, or a
+/// closed one idle less than 2 s, keeps its port.
+#[test]
+fn m2_snat_ports_of_closed_flows_are_reclaimed_by_new_connections() {
+    require_privileges!();
+    in_private_netns(|| {
+        // One SNAT port.
+        let cfg = DatapathConfig {
+            snat_port_min: 20_000,
+            snat_port_max: 20_000,
+            ..DatapathConfig::DEFAULT
+        };
+        let (up0, _) = uplink_netns(true);
+        let mut dp = Datapath::load_with(cfg);
+        remote_nodeport(&mut dp);
+        let fe = SocketAddrV4::new(NODE, 30080);
+        let c1 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 51000);
+        let c2 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 8), 52000);
+        let syn = |dp: &Datapath, c: SocketAddrV4| {
+            dp.run_on(UPLINK_INGRESS, &tcp(c, fe, TCP_SYN).build(), up0)
+        };
+        let r = syn(&dp, c1);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        assert_eq!(tuple(&r.out).src.port(), 20_000);
+        let fkey = ct_key(c1, fe, PROTO_TCP, CT_DIR_FORWARD);
+        let first = dp.ct(&fkey).unwrap();
+        let rkey = fkey.peer(&first);
+        let set = |dp: &mut Datapath, flags: u16, idle_ns: u64| {
+            for k in [fkey, rkey] {
+                let mut e = dp.ct(&k).unwrap();
+                e.flags = flags;
+                e.last_seen_ns = boot_ns() - idle_ns;
+                dp.ct_insert(k, e);
+            }
+        };
+        let est =
+            ct_flags::SNAT | ct_flags::TCP_SYN | ct_flags::SEEN_REPLY | ct_flags::TCP_ESTABLISHED;
+        let time_wait = est | ct_flags::TCP_FIN | ct_flags::FIN_FORWARD | ct_flags::FIN_REPLY;
+        // Open (idle 10 s), closed one way (10 s), closed both ways but
+        // only 1 s ago: the port stays taken.
+        for (flags, idle) in [
+            (est, 10_000_000_000),
+            (
+                est | ct_flags::TCP_FIN | ct_flags::FIN_FORWARD,
+                10_000_000_000,
+            ),
+            (time_wait, 1_000_000_000),
+        ] {
+            set(&mut dp, flags, idle);
+            let r = syn(&dp, c2);
+            assert_eq!(r.ret, TC_ACT_SHOT, "{flags:#x}");
+            assert!(dp.ct(&fkey).is_some());
+        }
+        assert_eq!(dp.stat(StatReason::DropSnatExhausted), 3);
+        assert_eq!(dp.stat(StatReason::SnatPortReclaimed), 0);
+        // TIME_WAIT idle 3 s: the new connection takes the port over.
+        set(&mut dp, time_wait, 3_000_000_000);
+        let t0 = boot_ns();
+        let r = syn(&dp, c2);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        assert_eq!(tuple(&r.out).src.port(), 20_000);
+        assert!(dp.ct(&fkey).is_none(), "the old flow's FORWARD entry went");
+        let reply = dp.ct(&rkey).unwrap();
+        assert_eq!(
+            reply.snat_addr,
+            net(*c2.ip()),
+            "the REPLY entry is the new flow's"
+        );
+        assert!(reply.last_seen_ns >= t0);
+        // A reset flow likewise (the new flow, reset and idle 3 s, to a
+        // third client). UDP never reclaims.
+        let c3 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 9), 53000);
+        let f2 = ct_key(c2, fe, PROTO_TCP, CT_DIR_FORWARD);
+        for k in [f2, rkey] {
+            let mut e = dp.ct(&k).unwrap();
+            e.flags |= ct_flags::TCP_RST;
+            e.last_seen_ns = boot_ns() - 3_000_000_000;
+            dp.ct_insert(k, e);
+        }
+        let r = syn(&dp, c3);
+        assert_eq!(r.ret, TC_ACT_REDIRECT);
+        assert!(dp.ct(&f2).is_none());
+        assert_eq!(dp.stat(StatReason::SnatPortReclaimed), 2);
+        assert_eq!(dp.stat(StatReason::NewFlow), 3);
+        assert_eq!(dp.ct_all().len(), 2);
+        dp.assert_outcomes_sum();
     });
 }

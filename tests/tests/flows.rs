@@ -203,7 +203,7 @@ while time.time() < deadline:
 "#;
 
 /// C1: a UDP flow where the client sent one datagram and the backend keeps
-/// sending. With a 2 s UDP timeout and the GC every second, the backend
+/// sending. With 2 s UDP and UDP stream timeouts and the GC every second, the backend
 /// streams for 7.5 s (more than 3x the timeout): every answer reaches the
 /// client with the ClusterIP as source; the flow is never collected while
 /// answers flow (they refresh both directions), and is after they stop.
@@ -237,6 +237,10 @@ fn c1_udp_flow_kept_alive_by_replies_alone() {
         &m,
         &[
             "--conntrack-udp-timeout",
+            "2s",
+            // The answers make the flow a UDP stream after 2 s (#9): its
+            // lifetime is the stream one.
+            "--conntrack-udp-timeout-stream",
             "2s",
             "--conntrack-gc-interval",
             "1s",

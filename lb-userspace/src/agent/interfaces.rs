@@ -76,9 +76,62 @@ pub fn parse_cidrs(s: &str, flag: &str) -> Result<Vec<Ipv4Net>, String> {
         .collect()
 }
 
+/// A port range `MIN-MAX` of flag `flag` (host order): 1 <= MIN <= MAX,
+/// not overlapping `avoid` (inclusive; the NodePort range).
+pub fn parse_port_range(s: &str, flag: &str, avoid: (u16, u16)) -> Result<(u16, u16), String> {
+    let bad = |why: &str| format!("{flag}: {s:?} {why}");
+    let (a, b) = s
+        .trim()
+        .split_once('-')
+        .ok_or_else(|| bad("is not a port range MIN-MAX"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .map_err(|_| bad("is not a port range MIN-MAX (ports 1-65535)"))
+    };
+    let (min, max) = (port(a)?, port(b)?);
+    if min == 0 {
+        return Err(bad("starts at port 0"));
+    }
+    if min > max {
+        return Err(bad("is empty: MIN is above MAX"));
+    }
+    if min <= avoid.1 && max >= avoid.0 {
+        return Err(bad(&format!(
+            "overlaps the NodePort range {}-{}",
+            avoid.0, avoid.1
+        )));
+    }
+    Ok((min, max))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_ranges_are_validated() {
+        let np = (30_000, 32_767);
+        let f = "--snat-port-range";
+        assert_eq!(parse_port_range("10000-29999", f, np), Ok((10_000, 29_999)));
+        assert_eq!(
+            parse_port_range(" 32768 - 32768 ", f, np),
+            Ok((32_768, 32_768))
+        );
+        for bad in [
+            "",
+            "10000",
+            "a-b",
+            "0-10",
+            "5-4",
+            "29999-30000",
+            "32767-40000",
+            "1-70000",
+        ] {
+            let e = parse_port_range(bad, f, np).unwrap_err();
+            assert!(e.starts_with(f), "{bad}: {e}");
+        }
+    }
 
     fn link(i: u32, n: &str) -> Link {
         Link {

@@ -37,7 +37,9 @@ use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
 pub use events::EventSink;
-pub use interfaces::{interfaces_to_attach, nodeport_addrs, parse_cidrs, uplink_addrs};
+pub use interfaces::{
+    interfaces_to_attach, nodeport_addrs, parse_cidrs, parse_port_range, uplink_addrs,
+};
 
 use crate::dataplane::cgroup;
 use crate::dataplane::conntrack_gc;
@@ -188,6 +190,52 @@ impl Ticks {
     }
 }
 
+/// The conntrack garbage collector on a thread of its own: a pass every
+/// `interval` ([`conntrack_gc::gc_pass`]), so that a pass over a map of a
+/// million entries never delays the control loop. It has its own handle on
+/// the pinned conntrack map. Dropping this stops the thread (at once when
+/// it waits; after its pass when it runs one).
+struct ConntrackGc {
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+impl ConntrackGc {
+    fn spawn(
+        mut maps: DatapathMaps<MapData>,
+        cfg: lb_common::DatapathConfig,
+        interval: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("conntrack-gc".into())
+            .spawn(move || loop {
+                match stopped.recv_timeout(interval) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+                match conntrack_gc::gc_pass(&mut maps, &cfg, views::boottime_ns()) {
+                    Ok(p) => {
+                        metrics.observe_conntrack_gc(
+                            p.entries as u64,
+                            p.deleted as u64,
+                            p.duration,
+                        );
+                        debug!(
+                            deleted = p.deleted,
+                            total = p.entries,
+                            ms = p.duration.as_millis() as u64,
+                            "conntrack GC pass"
+                        );
+                    }
+                    Err(e) => warn!(error = %error_chain(&e), "conntrack GC pass failed"),
+                }
+            })
+            .context("starting the conntrack GC thread")?;
+        Ok(Self { _stop: stop })
+    }
+}
+
 /// Wakes the loop when links or addresses change (a pod's veth appears).
 fn spawn_netlink_watcher(changed: Arc<Notify>) -> Result<()> {
     let sub = netlink::ChangeSubscription::new().context("subscribing to netlink")?;
@@ -224,6 +272,8 @@ struct Agent {
     settings: Settings,
     dp: Dataplane,
     datapath_maps: DatapathMaps<MapData>,
+    /// The conntrack GC's thread: stops when this is dropped.
+    _conntrack_gc: ConntrackGc,
     planner: Planner,
     node_addrs: BTreeSet<Ipv4Addr>,
     metrics: Arc<Metrics>,
@@ -306,9 +356,16 @@ impl Agent {
         );
         let datapath_maps =
             DatapathMaps::open_pinned(&settings.bpffs).context("opening the conntrack map")?;
+        let conntrack_gc = ConntrackGc::spawn(
+            DatapathMaps::open_pinned(&settings.bpffs).context("opening the conntrack map")?,
+            settings.datapath,
+            settings.conntrack_gc_interval,
+            metrics.clone(),
+        )?;
         Ok(Self {
             dp,
             datapath_maps,
+            _conntrack_gc: conntrack_gc,
             planner: Planner::adopt(applied, settings.map_sizes.planner_limits()),
             node_addrs: BTreeSet::new(),
             health_servers: ServiceHealthServers::new(health.clone(), Vec::new()),
@@ -663,30 +720,10 @@ impl Agent {
         }
     }
 
-    /// Deletes idle conntrack entries (both directions of a flow together).
+    /// Periodic socket cleanup (E4). Idle conntrack entries are deleted
+    /// by [`ConntrackGc`] on its own thread.
     fn collect_conntrack(&mut self) {
         self.destroy_stale_udp_sockets();
-        let entries = match self.datapath_maps.conntrack_entries() {
-            Ok(e) => e,
-            Err(e) => {
-                warn!(error = %error_chain(&e), "conntrack scan failed");
-                return;
-            }
-        };
-        self.metrics.set_conntrack_entries(entries.len() as u64);
-        let expired =
-            conntrack_gc::expired_keys(&entries, &self.settings.datapath, views::boottime_ns());
-        if expired.is_empty() {
-            return;
-        }
-        match self.datapath_maps.delete_conntrack(&expired) {
-            Ok(n) => debug!(
-                deleted = n,
-                total = entries.len(),
-                "conntrack entries expired"
-            ),
-            Err(e) => warn!(error = %error_chain(&e), "conntrack cleanup failed"),
-        }
     }
 
     /// Datapath counters and map fill into the metrics.

@@ -102,16 +102,49 @@ struct Args {
     /// /metrics and /proxyMode; empty disables.
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_bind_address: String,
-    /// Idle timeout of an established TCP flow (kube-proxy's
-    /// --conntrack-tcp-timeout-established).
-    #[arg(long, default_value = "6h", value_parser = humantime::parse_duration)]
-    conntrack_tcp_established_timeout: Duration,
-    /// Idle timeout of a TCP flow that is opening or closing.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    conntrack_tcp_transient_timeout: Duration,
-    /// Idle timeout of a UDP flow (kube-proxy's --conntrack-udp-timeout).
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    /// Idle lifetime of an established TCP flow (kube-proxy's flag; its
+    /// default, 24 h, is what kube-proxy sets on a node).
+    #[arg(long, alias = "conntrack-tcp-established-timeout", default_value = "24h", value_parser = humantime::parse_duration)]
+    conntrack_tcp_timeout_established: Duration,
+    /// Idle lifetime of a TCP flow closed in one direction after it was
+    /// established (kube-proxy's flag and default, 1 h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    conntrack_tcp_timeout_close_wait: Option<Duration>,
+    /// Idle lifetime of a TCP flow whose opening packet was not answered
+    /// yet [default: 120s, the kernel's].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    conntrack_tcp_timeout_syn_sent: Option<Duration>,
+    /// Idle lifetime of a TCP flow that was answered, handshake not
+    /// complete [default: 60s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    conntrack_tcp_timeout_syn_recv: Option<Duration>,
+    /// Idle lifetime of a TCP flow closed before its handshake completed
+    /// [default: 120s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    conntrack_tcp_timeout_fin_wait: Option<Duration>,
+    /// Idle lifetime of a TCP flow closed in both directions [default: 120s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    conntrack_tcp_timeout_time_wait: Option<Duration>,
+    /// Idle lifetime of a reset TCP flow [default: 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    conntrack_tcp_timeout_close: Option<Duration>,
+    /// Shorthand: the idle lifetime of every TCP state but established
+    /// (syn-sent, syn-recv, fin-wait, close-wait, time-wait, close); a
+    /// state's own flag wins over it.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    conntrack_tcp_transient_timeout: Option<Duration>,
+    /// Idle lifetime of a UDP flow without a stream (kube-proxy's flag;
+    /// default 30 s, the kernel's).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     conntrack_udp_timeout: Duration,
+    /// Idle lifetime of a UDP stream: a flow that was answered and is at
+    /// least 2 s old (kube-proxy's flag; default 120 s, the kernel's).
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    conntrack_udp_timeout_stream: Duration,
+    /// Source ports of SNAT'ed flows and remapped client ports, MIN-MAX.
+    /// Must not overlap the NodePort range (30000-32767).
+    #[arg(long, default_value = "10000-29999", value_name = "MIN-MAX")]
+    snat_port_range: String,
     /// How often idle conntrack entries are deleted.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     conntrack_gc_interval: Duration,
@@ -204,13 +237,10 @@ fn main() -> Result<()> {
         pod_pattern,
         nodeport_cidrs,
         datapath: DatapathConfig {
-            ct_tcp_established_ns: args.conntrack_tcp_established_timeout.as_nanos() as u64,
-            ct_tcp_transient_ns: args.conntrack_tcp_transient_timeout.as_nanos() as u64,
-            ct_udp_ns: args.conntrack_udp_timeout.as_nanos() as u64,
             cluster_cidr_addr,
             cluster_cidr_mask,
             hairpin_addr: lb_common::ipv4_to_net(args.hairpin_address.octets()),
-            ..DatapathConfig::DEFAULT
+            ..datapath_timeouts(&args)?
         },
         socket_lb: match (args.no_socket_lb, &args.cgroup_path) {
             (true, _) => SocketLb::Off,
@@ -246,6 +276,75 @@ fn main() -> Result<()> {
     })
 }
 
+/// The conntrack lifetimes and the SNAT port range of the command line:
+/// a state's own flag, else `--conntrack-tcp-transient-timeout` for the
+/// TCP states but established, else the default.
+fn datapath_timeouts(args: &Args) -> Result<DatapathConfig> {
+    let d = DatapathConfig::DEFAULT;
+    let ns = |flag: &str, v: Duration| -> Result<u64> {
+        let n = u64::try_from(v.as_nanos()).ok().filter(|n| *n > 0);
+        n.with_context(|| format!("--{flag}: must be more than 0 and less than 584 years"))
+    };
+    let transient = args.conntrack_tcp_transient_timeout;
+    let state = |flag: &str, own: Option<Duration>, def: u64| -> Result<u64> {
+        match own.or(transient) {
+            Some(v) => ns(flag, v),
+            None => Ok(def),
+        }
+    };
+    let (snat_port_min, snat_port_max) =
+        agent::parse_port_range(&args.snat_port_range, "--snat-port-range", NODE_PORT_RANGE)
+            .map_err(anyhow::Error::msg)?;
+    Ok(DatapathConfig {
+        ct_tcp_syn_sent_ns: state(
+            "conntrack-tcp-timeout-syn-sent",
+            args.conntrack_tcp_timeout_syn_sent,
+            d.ct_tcp_syn_sent_ns,
+        )?,
+        ct_tcp_syn_recv_ns: state(
+            "conntrack-tcp-timeout-syn-recv",
+            args.conntrack_tcp_timeout_syn_recv,
+            d.ct_tcp_syn_recv_ns,
+        )?,
+        ct_tcp_established_ns: ns(
+            "conntrack-tcp-timeout-established",
+            args.conntrack_tcp_timeout_established,
+        )?,
+        ct_tcp_fin_wait_ns: state(
+            "conntrack-tcp-timeout-fin-wait",
+            args.conntrack_tcp_timeout_fin_wait,
+            d.ct_tcp_fin_wait_ns,
+        )?,
+        ct_tcp_close_wait_ns: state(
+            "conntrack-tcp-timeout-close-wait",
+            args.conntrack_tcp_timeout_close_wait,
+            d.ct_tcp_close_wait_ns,
+        )?,
+        ct_tcp_time_wait_ns: state(
+            "conntrack-tcp-timeout-time-wait",
+            args.conntrack_tcp_timeout_time_wait,
+            d.ct_tcp_time_wait_ns,
+        )?,
+        ct_tcp_close_ns: state(
+            "conntrack-tcp-timeout-close",
+            args.conntrack_tcp_timeout_close,
+            d.ct_tcp_close_ns,
+        )?,
+        ct_udp_ns: ns("conntrack-udp-timeout", args.conntrack_udp_timeout)?,
+        ct_udp_stream_ns: ns(
+            "conntrack-udp-timeout-stream",
+            args.conntrack_udp_timeout_stream,
+        )?,
+        snat_port_min,
+        snat_port_max,
+        ..d
+    })
+}
+
+/// The NodePort range the SNAT port range must stay out of: the API
+/// server's default (--service-node-port-range), which lb does not read.
+const NODE_PORT_RANGE: (u16, u16) = (30_000, 32_767);
+
 /// A client from `--kubeconfig` (also $KUBECONFIG), else in-cluster config.
 async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
     let config = match kubeconfig {
@@ -261,4 +360,87 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Clien
     };
     info!(server = %config.cluster_url, "cluster mode");
     kube::Client::try_from(config).context("creating the Kubernetes client")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<DatapathConfig> {
+        let mut argv = vec!["lb-agent", "--node-name", "n1"];
+        argv.extend_from_slice(extra);
+        datapath_timeouts(&Args::try_parse_from(argv)?)
+    }
+
+    #[test]
+    fn defaults_are_kube_proxys() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c, DatapathConfig::DEFAULT);
+        assert_eq!(c.ct_tcp_established_ns, 86_400 * 1_000_000_000);
+        assert_eq!(c.ct_tcp_close_wait_ns, 3_600 * 1_000_000_000);
+        assert_eq!((c.snat_port_min, c.snat_port_max), (10_000, 29_999));
+    }
+
+    #[test]
+    fn state_flags_win_over_the_transient_shorthand() {
+        let c = parse(&[
+            "--conntrack-tcp-transient-timeout=7s",
+            "--conntrack-tcp-timeout-close=3s",
+            "--conntrack-tcp-timeout-established=2h",
+            "--conntrack-udp-timeout=5s",
+            "--conntrack-udp-timeout-stream=9s",
+        ])
+        .unwrap();
+        let s = 1_000_000_000;
+        assert_eq!(c.ct_tcp_syn_sent_ns, 7 * s);
+        assert_eq!(c.ct_tcp_syn_recv_ns, 7 * s);
+        assert_eq!(c.ct_tcp_fin_wait_ns, 7 * s);
+        assert_eq!(c.ct_tcp_close_wait_ns, 7 * s);
+        assert_eq!(c.ct_tcp_time_wait_ns, 7 * s);
+        assert_eq!(c.ct_tcp_close_ns, 3 * s);
+        assert_eq!(c.ct_tcp_established_ns, 7_200 * s);
+        assert_eq!((c.ct_udp_ns, c.ct_udp_stream_ns), (5 * s, 9 * s));
+        // The old name of the established flag still works.
+        let c = parse(&["--conntrack-tcp-established-timeout=1h"]).unwrap();
+        assert_eq!(c.ct_tcp_established_ns, 3_600 * s);
+        let c = parse(&[
+            "--conntrack-tcp-timeout-syn-sent=1s",
+            "--conntrack-tcp-timeout-syn-recv=2s",
+            "--conntrack-tcp-timeout-fin-wait=3s",
+            "--conntrack-tcp-timeout-close-wait=4s",
+            "--conntrack-tcp-timeout-time-wait=5s",
+        ])
+        .unwrap();
+        assert_eq!(
+            [
+                c.ct_tcp_syn_sent_ns,
+                c.ct_tcp_syn_recv_ns,
+                c.ct_tcp_fin_wait_ns,
+                c.ct_tcp_close_wait_ns,
+                c.ct_tcp_time_wait_ns,
+                c.ct_tcp_close_ns,
+            ],
+            [s, 2 * s, 3 * s, 4 * s, 5 * s, 10 * s]
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        for (argv, flag) in [
+            (&["--snat-port-range=20000-31000"][..], "--snat-port-range"),
+            (&["--snat-port-range=30000-30000"][..], "--snat-port-range"),
+            (&["--snat-port-range=5000-4000"][..], "--snat-port-range"),
+            (&["--snat-port-range=0-100"][..], "--snat-port-range"),
+            (&["--snat-port-range=abc"][..], "--snat-port-range"),
+            (
+                &["--conntrack-tcp-timeout-close=0s"][..],
+                "--conntrack-tcp-timeout-close",
+            ),
+        ] {
+            let e = format!("{:#}", parse(argv).unwrap_err());
+            assert!(e.contains(flag), "{argv:?}: {e}");
+        }
+        let c = parse(&["--snat-port-range=40000-40099"]).unwrap();
+        assert_eq!((c.snat_port_min, c.snat_port_max), (40_000, 40_099));
+    }
 }

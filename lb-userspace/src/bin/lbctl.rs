@@ -38,8 +38,21 @@ enum Command {
     Services,
     /// Every backend (endpoint) the maps hold.
     Backends,
-    /// Translated flows, both directions.
-    Conntrack,
+    /// Translated flows, both directions, with each flow's state and how
+    /// long it may stay idle. The remaining lifetime uses the agent's
+    /// default lifetimes; give the agent's values when it was started with
+    /// others (the datapath's configuration is not readable from the maps).
+    Conntrack {
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        conntrack_tcp_timeout_established: std::time::Duration,
+        /// Every TCP state but established, as the agent's shorthand.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        conntrack_tcp_transient_timeout: Option<std::time::Duration>,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        conntrack_udp_timeout: std::time::Duration,
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        conntrack_udp_timeout_stream: std::time::Duration,
+    },
     /// Datapath counters by verdict and drop reason, summed over CPUs.
     Stats,
     /// Stream datapath events (drops with their reason, rejects, new
@@ -143,27 +156,50 @@ fn main() -> Result<()> {
                 }
             }
         }
-        Command::Conntrack => {
+        Command::Conntrack {
+            conntrack_tcp_timeout_established,
+            conntrack_tcp_transient_timeout,
+            conntrack_udp_timeout,
+            conntrack_udp_timeout_stream,
+        } => {
+            let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+            let mut lifetimes = lb_common::DatapathConfig::DEFAULT;
+            if let Some(t) = conntrack_tcp_transient_timeout {
+                lifetimes = lifetimes.with_tcp_transient_ns(ns(t));
+            }
+            lifetimes.ct_tcp_established_ns = ns(conntrack_tcp_timeout_established);
+            lifetimes.ct_udp_ns = ns(conntrack_udp_timeout);
+            lifetimes.ct_udp_stream_ns = ns(conntrack_udp_timeout_stream);
             let maps = DatapathMaps::open_pinned(dir)?;
             let entries = maps.conntrack_entries()?;
-            let rows = inspect::conntrack(&entries, inspect::boottime_ns());
+            let rows = inspect::conntrack(&entries, &lifetimes, inspect::boottime_ns());
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!(
-                    "{:<8} {:<5} {:<22} {:<22} {:<22} {:<22} {:>8}  FLAGS",
-                    "DIR", "PROTO", "SOURCE", "DESTINATION", "NAT", "SNAT", "AGE(s)"
+                    "{:<8} {:<5} {:<22} {:<22} {:<22} {:<22} {:<11} {:>8} {:>9}  FLAGS",
+                    "DIR",
+                    "PROTO",
+                    "SOURCE",
+                    "DESTINATION",
+                    "NAT",
+                    "SNAT",
+                    "STATE",
+                    "AGE(s)",
+                    "LEFT(s)"
                 );
                 for r in rows {
                     println!(
-                        "{:<8} {:<5} {:<22} {:<22} {:<22} {:<22} {:>8.1}  {}",
+                        "{:<8} {:<5} {:<22} {:<22} {:<22} {:<22} {:<11} {:>8.1} {:>9.1}  {}",
                         r.direction,
                         r.protocol,
                         r.source,
                         r.destination,
                         r.nat,
                         r.snat.as_deref().unwrap_or("-"),
+                        r.state,
                         r.age_seconds,
+                        r.remaining_seconds,
                         r.flags.join(",")
                     );
                 }

@@ -10,6 +10,7 @@ use std::path::Path;
 use aya::maps::MapData;
 
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
@@ -133,4 +134,69 @@ pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
         bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
     }
     Ok(())
+}
+
+/// BPF_MAP_LOOKUP_BATCH (hash and LRU hash maps, kernel 5.6+): every
+/// element of a map, `batch` elements per syscall (instead of two syscalls
+/// per element with get_next_key + lookup). A snapshot like a walk: elements
+/// inserted or deleted meanwhile may or may not be in it. `K` and `V` are
+/// exactly the map's key and value types.
+pub fn map_lookup_all<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    batch: usize,
+) -> io::Result<Vec<(K, V)>> {
+    #[repr(C)]
+    struct Batch {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let mut batch = batch.max(1);
+    let mut out = Vec::new();
+    // The position token (a bucket index, u32, for hash maps); 8 bytes to
+    // be safe.
+    let mut token_in = [0u8; 8];
+    let mut token_out = [0u8; 8];
+    let mut first = true;
+    loop {
+        // SAFETY: K and V are Pod: zeroed values are valid.
+        let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; batch];
+        // SAFETY: as above.
+        let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; batch];
+        let mut attr = Batch {
+            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
+            out_batch: token_out.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: u32::try_from(batch).unwrap_or(u32::MAX),
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        let rc = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = (attr.count as usize).min(batch);
+        match rc {
+            Ok(_) => {}
+            // The end of the map: `count` elements were still copied.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                out.extend(keys.into_iter().zip(values).take(n));
+                return Ok(out);
+            }
+            // One bucket holds more elements than `batch`: retry it with
+            // room for more.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
+                batch *= 2;
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        out.extend(keys.into_iter().zip(values).take(n));
+        token_in = token_out;
+        first = false;
+    }
 }

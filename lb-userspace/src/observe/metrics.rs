@@ -92,6 +92,9 @@ struct State {
     map_entries: BTreeMap<String, u64>,
     map_capacity: BTreeMap<String, u64>,
     conntrack_entries: u64,
+    conntrack_gc_deleted: u64,
+    conntrack_gc_duration: f64,
+    conntrack_gc_last_timestamp: f64,
     datapath: [u64; STAT_COUNT as usize],
     rejected: BTreeMap<String, u64>,
     apiserver_connected: bool,
@@ -128,6 +131,9 @@ impl Metrics {
             map_entries: BTreeMap::new(),
             map_capacity: BTreeMap::new(),
             conntrack_entries: 0,
+            conntrack_gc_deleted: 0,
+            conntrack_gc_duration: 0.0,
+            conntrack_gc_last_timestamp: 0.0,
             datapath: [0; STAT_COUNT as usize],
             rejected: BTreeMap::new(),
             apiserver_connected: false,
@@ -194,6 +200,18 @@ impl Metrics {
     /// `lb_conntrack_entries`.
     pub fn set_conntrack_entries(&self, n: u64) {
         self.lock().conntrack_entries = n;
+    }
+
+    /// A conntrack GC pass: `lb_conntrack_entries = entries`,
+    /// `lb_conntrack_gc_deleted_total += deleted`,
+    /// `lb_conntrack_gc_duration_seconds` and
+    /// `lb_conntrack_gc_last_timestamp_seconds` (= now).
+    pub fn observe_conntrack_gc(&self, entries: u64, deleted: u64, d: Duration) {
+        let mut m = self.lock();
+        m.conntrack_entries = entries;
+        m.conntrack_gc_deleted = m.conntrack_gc_deleted.saturating_add(deleted);
+        m.conntrack_gc_duration = d.as_secs_f64();
+        m.conntrack_gc_last_timestamp = unix_seconds(SystemTime::now());
     }
 
     /// `lb_datapath_packets_total{reason}` (and `lb_datapath_drops_total{reason}`
@@ -336,6 +354,24 @@ impl Collector for StateCollector {
             "lb_conntrack_entries",
             "Entries in the datapath's conntrack map",
             &ConstGauge::new(s.conntrack_entries),
+        )?;
+        single(
+            e,
+            "lb_conntrack_gc_deleted",
+            "Conntrack entries the agent's GC deleted (idle past their state's lifetime)",
+            &ConstCounter::new(s.conntrack_gc_deleted),
+        )?;
+        single(
+            e,
+            "lb_conntrack_gc_duration_seconds",
+            "Duration of the last conntrack GC pass",
+            &ConstGauge::new(s.conntrack_gc_duration),
+        )?;
+        single(
+            e,
+            "lb_conntrack_gc_last_timestamp_seconds",
+            "When the last conntrack GC pass finished (0: none yet)",
+            &ConstGauge::new(s.conntrack_gc_last_timestamp),
         )?;
         let reason = |r: &StatReason| {
             (

@@ -172,6 +172,11 @@ pub struct ConntrackRow {
     pub service_id: u32,
     pub flags: Vec<&'static str>,
     pub age_seconds: f64,
+    /// The flow's state (netfilter's name), from both entries' bits.
+    pub state: &'static str,
+    /// How long the flow may stay idle before it expires, with the
+    /// lifetimes of the `DatapathConfig` given (0: expired).
+    pub remaining_seconds: f64,
 }
 
 fn ct_flag_names(f: u16) -> Vec<&'static str> {
@@ -184,6 +189,9 @@ fn ct_flag_names(f: u16) -> Vec<&'static str> {
         (ct_flags::TCP_ESTABLISHED, "established"),
         (ct_flags::TCP_FIN, "fin"),
         (ct_flags::TCP_RST, "rst"),
+        (ct_flags::FIN_FORWARD, "fin-fwd"),
+        (ct_flags::FIN_REPLY, "fin-reply"),
+        (ct_flags::UDP_STREAM, "stream"),
     ] {
         if f & bit != 0 {
             out.push(name);
@@ -192,11 +200,25 @@ fn ct_flag_names(f: u16) -> Vec<&'static str> {
     out
 }
 
-/// `now_ns` is CLOCK_BOOTTIME, the clock of bpf_ktime_get_boot_ns.
-pub fn conntrack(entries: &[(ConntrackKey, ConntrackEntry)], now_ns: u64) -> Vec<ConntrackRow> {
+/// `now_ns` is CLOCK_BOOTTIME, the clock of bpf_ktime_get_boot_ns. The
+/// state and remaining lifetime of each entry are its flow's (both entries,
+/// as the datapath and the GC judge them), with the lifetimes of `cfg`.
+pub fn conntrack(
+    entries: &[(ConntrackKey, ConntrackEntry)],
+    cfg: &lb_common::DatapathConfig,
+    now_ns: u64,
+) -> Vec<ConntrackRow> {
+    let by_key: std::collections::HashMap<&ConntrackKey, &ConntrackEntry> =
+        entries.iter().map(|(k, e)| (k, e)).collect();
     let mut rows: Vec<ConntrackRow> = entries
         .iter()
-        .map(|(k, e)| ConntrackRow {
+        .map(|(k, e)| {
+            let pk = k.peer(e);
+            let peer = by_key.get(&pk).copied().filter(|p| pk.peer(p) == *k);
+            let (state, remaining) = cfg.flow_state_remaining(k.proto, e, peer, now_ns);
+            (k, e, state, remaining)
+        })
+        .map(|(k, e, state, remaining)| ConntrackRow {
             direction: if k.dir == CT_DIR_FORWARD {
                 "forward"
             } else {
@@ -211,6 +233,8 @@ pub fn conntrack(entries: &[(ConntrackKey, ConntrackEntry)], now_ns: u64) -> Vec
             service_id: e.service_id,
             flags: ct_flag_names(e.flags),
             age_seconds: now_ns.saturating_sub(e.last_seen_ns) as f64 / 1e9,
+            state: state.name(),
+            remaining_seconds: remaining as f64 / 1e9,
         })
         .collect();
     rows.sort_by(|a, b| {
@@ -325,11 +349,38 @@ mod tests {
             last_seen_ns: 1_000_000_000,
             ..Default::default()
         };
-        let rows = conntrack(&[(k, e)], 3_500_000_000);
+        let cfg = lb_common::DatapathConfig::DEFAULT;
+        let rows = conntrack(&[(k, e)], &cfg, 3_500_000_000);
         assert_eq!(rows[0].source, "10.244.1.5:40000");
         assert_eq!(rows[0].nat, "10.244.2.3:8080");
         assert_eq!(rows[0].snat, None);
         assert_eq!(rows[0].flags, vec!["seen-reply", "syn"]);
         assert!((rows[0].age_seconds - 2.5).abs() < 1e-9);
+        // Answered, handshake not complete: SYN_RECV, 60 s less 2.5 s idle.
+        assert_eq!(rows[0].state, "SYN_RECV");
+        assert!((rows[0].remaining_seconds - 57.5).abs() < 1e-9);
+        // Both entries of an established flow: ESTABLISHED from the union
+        // of their bits, idle since the later of the two.
+        let est = ConntrackEntry {
+            flags: ct_flags::TCP_SYN | ct_flags::SEEN_REPLY,
+            ..e
+        };
+        let rk = k.peer(&est);
+        let re = ConntrackEntry {
+            flags: ct_flags::TCP_ESTABLISHED,
+            last_seen_ns: 3_000_000_000,
+            ..k.peer_entry(&est)
+        };
+        let rows = conntrack(&[(k, est), (rk, re)], &cfg, 3_500_000_000);
+        for r in &rows {
+            assert_eq!(r.state, "ESTABLISHED", "{r:?}");
+            assert!(
+                (r.remaining_seconds - (86_400.0 - 0.5)).abs() < 1e-6,
+                "{r:?}"
+            );
+        }
+        // Expired: 0 left.
+        let rows = conntrack(&[(k, e)], &cfg, 100_000_000_000);
+        assert_eq!(rows[0].remaining_seconds, 0.0);
     }
 }

@@ -149,6 +149,9 @@ fn a3_every_kube_proxy_metric_with_its_type() {
         ("lb_agent_info", "gauge"),
         ("lb_apiserver_connected", "gauge"),
         ("lb_conntrack_entries", "gauge"),
+        ("lb_conntrack_gc_deleted_total", "counter"),
+        ("lb_conntrack_gc_duration_seconds", "gauge"),
+        ("lb_conntrack_gc_last_timestamp_seconds", "gauge"),
         ("lb_datapath_packets_total", "counter"),
         ("lb_datapath_drops_total", "counter"),
     ] {
@@ -359,6 +362,8 @@ fn a3_lb_metrics_and_label_escaping() {
     m.set_map_fill("LB_CONNTRACK", 3, 262144);
     m.set_map_fill("LB_SERVICES", 13, 65536);
     m.set_conntrack_entries(3);
+    m.observe_conntrack_gc(7, 4, Duration::from_millis(250));
+    m.observe_conntrack_gc(3, 2, Duration::from_millis(500));
     m.set_datapath_counters(&[
         (StatReason::Packets, 1000),
         (StatReason::NewFlow, 10),
@@ -403,6 +408,17 @@ fn a3_lb_metrics_and_label_escaping() {
         value(&text, "lb_conntrack_entries", &[]).as_deref(),
         Some("3")
     );
+    assert_eq!(
+        value(&text, "lb_conntrack_gc_deleted_total", &[]).as_deref(),
+        Some("6")
+    );
+    assert_eq!(
+        value(&text, "lb_conntrack_gc_duration_seconds", &[]).as_deref(),
+        Some("0.5")
+    );
+    assert!(value(&text, "lb_conntrack_gc_last_timestamp_seconds", &[])
+        .and_then(|v| v.parse::<f64>().ok())
+        .is_some_and(|t| t > 1.0e9));
     assert_eq!(
         value(&text, "lb_datapath_packets_total", &[("reason", "packets")]).as_deref(),
         Some("1000")
