@@ -204,10 +204,11 @@ fn batch_puts<K: aya::Pod + Send + Sync, V: aya::Pod + Send + Sync>(
                 .zip(values.chunks(per))
                 .map(|(k, v)| s.spawn(move || sys::map_update_batch(map, k, v)))
                 .collect();
+            // The scope joins every writer before it returns, also after an
+            // error here.
             parts
                 .into_iter()
-                .map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                .collect::<std::io::Result<()>>()
+                .try_for_each(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
         })
     } else {
         sys::map_update_batch(map, &keys, &values)
