@@ -211,10 +211,16 @@ fn count_changes(d: &Domain, target: &MapContents, mirror: &Mirror) -> (usize, u
             .slots_of(sid)
             .map(|(k, s)| (k.slot, c.backends.get(&s.backend_id).copied()))
             .collect();
-        let after: BackendView = slots_of(&target.slots, sid)
-            .map(|(k, s)| (k.slot, target.backends.get(&s.backend_id).copied()))
-            .collect();
-        if before != after {
+        let changed = if before.is_empty() {
+            // A new set (every port of a first plan): changed if it has any.
+            slots_of(&target.slots, sid).next().is_some()
+        } else {
+            let after: BackendView = slots_of(&target.slots, sid)
+                .map(|(k, s)| (k.slot, target.backends.get(&s.backend_id).copied()))
+                .collect();
+            before != after
+        };
+        if changed {
             endpoint_changes += 1;
         }
     }
