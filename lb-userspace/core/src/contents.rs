@@ -34,7 +34,9 @@ pub enum MapOp {
     PutBackend(u32, BackendValue),
     PutSlot(BackendSlotKey, BackendSlot),
     PutSourceRange(u32, Ipv4Net),
-    PutName(u32, ServicePortName),
+    /// Boxed: a name is four times the size of every other op, and a big
+    /// cluster's first plan holds hundreds of thousands of ops.
+    PutName(u32, Box<ServicePortName>),
     PutNodeAddr(u32),
     PutService(ServiceKey, ServiceValue),
     DeleteService(ServiceKey),
@@ -62,7 +64,7 @@ impl MapOp {
                 contents.source_ranges.remove(&(*id, *net));
             }
             MapOp::PutName(id, n) => {
-                contents.names.insert(*id, n.clone());
+                contents.names.insert(*id, (**n).clone());
             }
             MapOp::PutNodeAddr(a) => {
                 contents.node_addrs.insert(*a);

@@ -53,6 +53,10 @@ use crate::source::cluster::ClusterSource;
 use crate::source::manifest::ManifestSource;
 use crate::source::{Changes, Source};
 
+/// Plans with at least this many ops update the planner's mirror alongside
+/// the map writes instead of after them.
+const MIRROR_ALONGSIDE: usize = 10_000;
+
 /// What the agent is told on its command line.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -571,14 +575,37 @@ impl Agent {
             None => Vec::new(),
         };
         let t0 = Instant::now();
-        if let Err(e) = self.dp.maps.apply_all(&plan.ops) {
+        let maps = &mut self.dp.maps;
+        let planner = &mut self.planner;
+        let written = if plan.ops.len() >= MIRROR_ALONGSIDE {
+            // A big plan (the first one): the maps are written on another
+            // thread (nearly all kernel time) while this one brings the
+            // planner's mirror up to date (its allocations stay in this
+            // thread's malloc arena). If a write fails the mirror is thrown
+            // away below (resync), as it would be if it had not been touched.
+            std::thread::scope(|s| {
+                let writer = s.spawn(|| maps.apply_all(&plan.ops));
+                for op in &plan.ops {
+                    planner.apply(op);
+                }
+                writer
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+            })
+        } else {
+            let r = maps.apply_all(&plan.ops);
+            if r.is_ok() {
+                for op in &plan.ops {
+                    planner.apply(op);
+                }
+            }
+            r
+        };
+        if let Err(e) = written {
             // Some of the plan may be in the maps: re-read them before the
             // next plan.
             self.needs_resync = true;
             anyhow::bail!("map writes failed: {}", error_chain(&e));
-        }
-        for op in &plan.ops {
-            self.planner.apply(op);
         }
         self.metrics.observe_sync(t0.elapsed());
         self.health.updated();

@@ -173,15 +173,47 @@ impl<T: Borrow<MapData>> AgentMaps<T> {
     }
 }
 
-/// One batched write of a run of puts into one map.
-fn batch_puts<K: aya::Pod, V: aya::Pod>(
+/// Runs of puts at least this long are written by several threads at once.
+const PARALLEL_RUN: usize = 16_384;
+/// At most this many writer threads.
+const MAX_WRITERS: usize = 4;
+
+/// One batched write of a run of puts into one map. A long run (the first
+/// plan of a big cluster) is split over the CPUs: the puts of one run are
+/// independent (distinct keys, one phase of the plan), most of the cost is
+/// the kernel's per-element work, and the kernel locks per hash bucket.
+fn batch_puts<K: aya::Pod + Send + Sync, V: aya::Pod + Send + Sync>(
     run: &[MapOp],
     entry: impl FnMut(&MapOp) -> Option<(K, V)>,
     map: &MapData,
     name: &'static str,
 ) -> Result<(), MapsError> {
     let (keys, values): (Vec<K>, Vec<V>) = run.iter().filter_map(entry).unzip();
-    sys::map_update_batch(map, &keys, &values).map_err(|io_error| MapsError::Map {
+    let writers = if keys.len() >= PARALLEL_RUN {
+        std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(MAX_WRITERS)
+    } else {
+        1
+    };
+    let result = if writers > 1 {
+        let per = keys.len().div_ceil(writers);
+        std::thread::scope(|s| {
+            let parts: Vec<_> = keys
+                .chunks(per)
+                .zip(values.chunks(per))
+                .map(|(k, v)| s.spawn(move || sys::map_update_batch(map, k, v)))
+                .collect();
+            // The scope joins every writer before it returns, also after an
+            // error here.
+            parts
+                .into_iter()
+                .try_for_each(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+        })
+    } else {
+        sys::map_update_batch(map, &keys, &values)
+    };
+    result.map_err(|io_error| MapsError::Map {
         name,
         source: MapError::SyscallError(aya::sys::SyscallError {
             call: "BPF_MAP_UPDATE_BATCH",
@@ -239,7 +271,7 @@ impl<T: BorrowMut<MapData>> AgentMaps<T> {
                             MapOp::PutName(k, n) => match n.to_map_value() {
                                 Some(v) => Some((*k, v)),
                                 None => {
-                                    too_long.get_or_insert_with(|| n.clone());
+                                    too_long.get_or_insert_with(|| (**n).clone());
                                     None
                                 }
                             },
@@ -277,7 +309,7 @@ impl<T: BorrowMut<MapData>> AgentMaps<T> {
             MapOp::PutName(id, n) => {
                 let v = n
                     .to_map_value()
-                    .ok_or_else(|| MapsError::NameTooLong(n.clone()))?;
+                    .ok_or_else(|| MapsError::NameTooLong((**n).clone()))?;
                 self.names
                     .insert(id, v, 0)
                     .map_err(err(map_names::SERVICE_NAMES))

@@ -34,6 +34,11 @@ pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
 }
 
 pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    serialized_response(status, v)
+}
+
+/// A JSON response from anything serializable.
+pub(crate) fn serialized_response(status: StatusCode, v: &impl serde::Serialize) -> Response<Body> {
     let body = serde_json::to_vec(v).expect("JSON");
     let mut r = Response::new(full(body));
     *r.status_mut() = status;

@@ -4,12 +4,12 @@
 //! 10). The real `lb-agent` binary starts against it (its own network
 //! namespace and pin directory) and we measure:
 //! - initial programming: from the agent's start until every ClusterIP
-//!   frontend is in the pinned LB_SERVICES map (target < 2 s);
+//!   frontend is in the pinned LB_SERVICES map (target < 1 s);
 //! - single endpoint changes under that load: an EndpointSlice loses or
 //!   regains one endpoint on the API server; latency from the server emitting
 //!   the watch event until the new backend count is visible in the map
 //!   (p50 and p99; target p99 < 10 ms);
-//! - the agent's resident memory (VmRSS and its peak VmHWM; target < 150 MiB);
+//! - the agent's resident memory (VmRSS and its peak VmHWM; target < 120 MiB);
 //! - the agent's own kubeproxy_network_programming_duration_seconds.
 //!
 //! Targets are reported (PASS/OVER), never asserted: the machine is noisy.
@@ -31,9 +31,9 @@ use lb_tests::artifacts;
 use lb_tests::netns::{bind_in_netns, NamedNetns};
 use lb_tests::objects::{endpoint_slice, service, Endpoint, Protocol, ServicePort};
 
-const INITIAL_TARGET: Duration = Duration::from_secs(2);
+const INITIAL_TARGET: Duration = Duration::from_secs(1);
 const P99_TARGET: Duration = Duration::from_millis(10);
-const RSS_TARGET_MIB: f64 = 150.0;
+const RSS_TARGET_MIB: f64 = 120.0;
 
 struct Opts {
     services: u32,

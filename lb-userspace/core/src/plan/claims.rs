@@ -42,18 +42,16 @@ impl Rank {
 /// Who claims which frontend key, over the whole desired state.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Claims {
-    by_key: BTreeMap<ServiceKey, BTreeMap<ServicePortName, Rank>>,
+    /// Claimants of a key, sorted (the owner first). Nearly always one: a
+    /// Vec, not a map (a map's first node alone holds room for eleven).
+    by_key: BTreeMap<ServiceKey, Vec<(Rank, ServicePortName)>>,
     by_port: BTreeMap<ServicePortName, Vec<ServiceKey>>,
 }
 
 impl Claims {
     /// The owner of `key`, if anyone claims it.
     pub fn owner(&self, key: &ServiceKey) -> Option<&ServicePortName> {
-        self.by_key
-            .get(key)?
-            .iter()
-            .min_by(|a, b| (a.1, a.0).cmp(&(b.1, b.0)))
-            .map(|(name, _)| name)
+        self.by_key.get(key)?.first().map(|(_, name)| name)
     }
 
     /// The keys `name` claims.
@@ -66,7 +64,7 @@ impl Claims {
     pub fn set(&mut self, name: &ServicePortName, port: Option<&DesiredServicePort>) {
         for key in self.by_port.remove(name).unwrap_or_default() {
             if let Some(claimants) = self.by_key.get_mut(&key) {
-                claimants.remove(name);
+                claimants.retain(|(_, n)| n != name);
                 if claimants.is_empty() {
                     self.by_key.remove(&key);
                 }
@@ -76,10 +74,11 @@ impl Claims {
         let mut keys = Vec::with_capacity(port.frontends.len());
         for fe in &port.frontends {
             let key = fe.key();
-            self.by_key
-                .entry(key)
-                .or_default()
-                .insert(name.clone(), Rank::new(fe.kind, port.created));
+            let claim = (Rank::new(fe.kind, port.created), name.clone());
+            let claimants = self.by_key.entry(key).or_default();
+            claimants.retain(|(_, n)| n != name);
+            let at = claimants.partition_point(|c| *c < claim);
+            claimants.insert(at, claim);
             keys.push(key);
         }
         if !keys.is_empty() {

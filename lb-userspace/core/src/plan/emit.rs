@@ -68,7 +68,16 @@ pub(crate) fn emit(
 ) -> Emitted {
     let c = mirror.contents();
     let d = domain(scoped, mirror, full);
-    let mut ops = Vec::new();
+    // Room for every put the target can need (a first plan is nearly all
+    // puts, hundreds of thousands of them); deletes, rarer, grow it.
+    let mut ops = Vec::with_capacity(
+        target.backends.len()
+            + target.slots.len()
+            + target.source_ranges.len()
+            + target.names.len()
+            + node_addrs.len()
+            + target.services.len(),
+    );
 
     for (id, v) in &target.backends {
         if c.backends.get(id) != Some(v) {
@@ -85,7 +94,7 @@ pub(crate) fn emit(
     }
     for (id, n) in &target.names {
         if c.names.get(id) != Some(n) {
-            ops.push(MapOp::PutName(*id, n.clone()));
+            ops.push(MapOp::PutName(*id, Box::new(n.clone())));
         }
     }
     for a in node_addrs.difference(&c.node_addrs) {
@@ -101,19 +110,22 @@ pub(crate) fn emit(
             ops.push(MapOp::DeleteService(*k));
         }
     }
-    // Backend references after the plan, for the backends the domain holds.
+    // Backend references after the plan, for the backends the domain holds
+    // (the only ones a plan may delete).
     let mut refs: BTreeMap<u32, i64> = d
         .backends
         .iter()
         .map(|b| (*b, i64::from(mirror.backend_refs(*b))))
         .collect();
     for k in &d.slots {
-        if let Some(s) = c.slots.get(k) {
-            *refs.entry(s.backend_id).or_default() -= 1;
+        if let Some(n) = c.slots.get(k).and_then(|s| refs.get_mut(&s.backend_id)) {
+            *n -= 1;
         }
     }
     for s in target.slots.values() {
-        *refs.entry(s.backend_id).or_default() += 1;
+        if let Some(n) = refs.get_mut(&s.backend_id) {
+            *n += 1;
+        }
     }
     for k in &d.slots {
         if !target.slots.contains_key(k) {
@@ -138,6 +150,9 @@ pub(crate) fn emit(
         ops.push(MapOp::DeleteNodeAddr(*a));
     }
     debug_assert!(ops.windows(2).all(|w| w[0].phase() <= w[1].phase()));
+    if ops.capacity() > 2 * ops.len() + 64 {
+        ops.shrink_to_fit(); // a plan that changes little: give the room back
+    }
 
     let (service_changes, endpoint_changes) = count_changes(&d, target, mirror);
     Emitted {
@@ -196,10 +211,16 @@ fn count_changes(d: &Domain, target: &MapContents, mirror: &Mirror) -> (usize, u
             .slots_of(sid)
             .map(|(k, s)| (k.slot, c.backends.get(&s.backend_id).copied()))
             .collect();
-        let after: BackendView = slots_of(&target.slots, sid)
-            .map(|(k, s)| (k.slot, target.backends.get(&s.backend_id).copied()))
-            .collect();
-        if before != after {
+        let changed = if before.is_empty() {
+            // A new set (every port of a first plan): changed if it has any.
+            slots_of(&target.slots, sid).next().is_some()
+        } else {
+            let after: BackendView = slots_of(&target.slots, sid)
+                .map(|(k, s)| (k.slot, target.backends.get(&s.backend_id).copied()))
+                .collect();
+            before != after
+        };
+        if changed {
             endpoint_changes += 1;
         }
     }

@@ -53,7 +53,7 @@ impl Mirror {
             m.apply(&MapOp::PutSlot(k, v));
         }
         for (id, n) in names {
-            m.apply(&MapOp::PutName(id, n));
+            m.apply(&MapOp::PutName(id, Box::new(n)));
         }
         for (id, net) in source_ranges {
             m.apply(&MapOp::PutSourceRange(id, net));
@@ -146,11 +146,11 @@ impl Mirror {
                 }
             }
             MapOp::PutName(id, n) => {
-                match self.contents.names.insert(*id, n.clone()) {
+                match self.contents.names.insert(*id, (**n).clone()) {
                     Some(old) => remove_from(&mut self.port_sids, &old, id),
                     None => self.sid_ref(*id, true),
                 }
-                self.port_sids.entry(n.clone()).or_default().insert(*id);
+                self.port_sids.entry((**n).clone()).or_default().insert(*id);
             }
             MapOp::DeleteName(id) => {
                 if let Some(old) = self.contents.names.remove(id) {
