@@ -41,7 +41,10 @@ pub mod map_names {
     /// C4: (hook direction, source, destination, protocol, IP id) of a
     /// fragmented datagram -> what its first fragment became (LRU).
     pub const FRAGMENTS: &str = "LB_FRAGMENTS";
-    pub const ALL: [&str; 13] = [
+    /// Userspace-only: the agent's `DatapathConfig` (one entry), the
+    /// `LB_CONFIG` it loaded the object with: what lbctl shows lifetimes with.
+    pub const SETTINGS: &str = "LB_SETTINGS";
+    pub const ALL: [&str; 14] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -55,6 +58,7 @@ pub mod map_names {
         SOCK_REVNAT,
         LAYOUT,
         FRAGMENTS,
+        SETTINGS,
     ];
 }
 

@@ -103,7 +103,7 @@ pub static LB_STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::ne
 
 /// Service id -> human-readable name, for lbctl. Never read here, but it is
 /// part of the object so that the loader creates (and pins) it with the rest:
-/// see [`keep_service_names`].
+/// see [`keep_unread_maps`].
 #[btf_map]
 pub static LB_SERVICE_NAMES: HashMap<
     u32,
@@ -119,6 +119,13 @@ pub static LB_SERVICE_NAMES: HashMap<
 /// misreading them. There is no migration.
 #[btf_map]
 pub static LB_LAYOUT: Array<u32, 1> = Array::new();
+
+/// The agent's [`DatapathConfig`] (the `LB_CONFIG` it loaded the object
+/// with), written by the agent after it loads the object, for lbctl (the
+/// lifetimes of `lbctl conntrack`) and bpftool. Never read here: the
+/// programs read `LB_CONFIG`, which the verifier sees as a constant.
+#[btf_map]
+pub static LB_SETTINGS: Array<DatapathConfig, 1> = Array::new();
 
 /// Load-time configuration, overridden by userspace with
 /// `EbpfLoader::override_global(lb_common::DATAPATH_CONFIG_GLOBAL, ..)`.
@@ -167,4 +174,5 @@ pub fn keep_unread_maps() {
     core::hint::black_box(core::ptr::addr_of!(LB_SERVICE_NAMES));
     core::hint::black_box(core::ptr::addr_of!(LB_SOCK_REVNAT));
     core::hint::black_box(core::ptr::addr_of!(LB_LAYOUT));
+    core::hint::black_box(core::ptr::addr_of!(LB_SETTINGS));
 }

@@ -267,6 +267,111 @@ fn lbctl_and_bpftool_show_the_datapath() {
     }
 }
 
+/// `lbctl conntrack` shows time left with the agent's own lifetimes, which
+/// it reads from the pinned `LB_SETTINGS` (bpftool prints it with field
+/// names); without that pin (an agent from before it) it falls back to the
+/// defaults and says so on stderr.
+#[test]
+fn lbctl_conntrack_uses_the_agents_lifetimes() {
+    require_privileges!();
+    let t = one_node();
+    t.write_manifests(&web_manifest(&t, &["web1", "web2"]))
+        .unwrap();
+    t.start_agent("node1", &["--conntrack-tcp-timeout-established", "2h"])
+        .unwrap();
+    t.wait_for_backends(
+        "node1",
+        &Frontend::tcp(VIP, 9000),
+        &[sa(t.pod("web1").ip, 9000), sa(t.pod("web2").ip, 9000)],
+    )
+    .unwrap();
+    wait_for_log(&t, "agent-node1", "lb-agent ready");
+    let mut conn = t.connect("client1", sa(VIP, 9000)).unwrap();
+    let answer = conn.send("hello").unwrap();
+    let source = format!("{}:{}", t.pod("client1").ip, answer.client.port());
+
+    let dir = t.node("node1").bpffs.clone();
+    // lbctl as an operator runs it, stderr included.
+    let lbctl = |args: &[&str]| {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", t.node("node1").netns))
+            .arg("--")
+            .arg(lb_tests::artifacts::lbctl_bin())
+            .args(args)
+            .arg("--bpffs")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "lbctl {args:?}: {out:?}");
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let left = |json: &str| -> f64 {
+        let ct: serde_json::Value = serde_json::from_str(json).unwrap();
+        let fwd = ct
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["direction"] == "forward" && e["source"] == source.as_str())
+            .unwrap_or_else(|| panic!("no forward entry for {source}: {ct}"))
+            .clone();
+        assert_eq!(fwd["state"], "ESTABLISHED", "{fwd}");
+        fwd["remaining_seconds"].as_f64().unwrap()
+    };
+
+    let (json, err) = lbctl(&["conntrack", "-o", "json"]);
+    let remaining = left(&json);
+    assert!(
+        remaining > 7000.0 && remaining <= 7200.0,
+        "LEFT is not the agent's 2h: {remaining} s"
+    );
+    assert!(err.is_empty(), "lbctl complained: {err}");
+    let (table, _) = lbctl(&["conntrack"]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("forward") && l.contains(&source))
+        .unwrap_or_else(|| panic!("no row for {source}: {table}"));
+    // STATE, AGE(s), LEFT(s).
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    let state = cols.iter().position(|c| *c == "ESTABLISHED").expect(row);
+    let left_col: f64 = cols[state + 2].parse().expect(row);
+    assert!(left_col > 7000.0 && left_col <= 7200.0, "{row}");
+
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(dir.join(lb_common::map_names::SETTINGS))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let dump = String::from_utf8(out.stdout).unwrap();
+    for field in [
+        "\"ct_tcp_established_ns\": 7200000000000",
+        "\"ct_udp_ns\": 30000000000",
+        "\"snat_port_min\"",
+    ] {
+        assert!(
+            dump.contains(field),
+            "LB_SETTINGS dump lacks {field}: {dump}"
+        );
+    }
+
+    // An agent from before LB_SETTINGS: the defaults (24h), said on stderr.
+    std::fs::remove_file(dir.join(lb_common::map_names::SETTINGS)).unwrap();
+    let (json, err) = lbctl(&["conntrack", "-o", "json"]);
+    let remaining = left(&json);
+    assert!(
+        remaining > 86_000.0 && remaining <= 86_400.0,
+        "without LB_SETTINGS LEFT should use the default 24h: {remaining} s"
+    );
+    assert!(
+        err.contains("LB_SETTINGS") && err.contains("default lifetimes"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
 /// `lb-agent --cleanup` detaches every program and removes every pin: service
 /// traffic is no longer translated, plain pod traffic still flows.
 #[test]

@@ -290,12 +290,23 @@ fn object_has_every_map_and_program() {
                 lb_common::MAX_FRAGMENTS,
                 0,
             ),
+            (map_names::LAYOUT, MapType::Array, 4, 4, 1, 0),
+            (
+                map_names::SETTINGS,
+                MapType::Array,
+                4,
+                std::mem::size_of::<lb_common::DatapathConfig>() as u32,
+                1,
+                0,
+            ),
         ];
         for (name, ty, key, value, max, flags) in want {
             let info = match dp.ebpf.map(name).unwrap() {
-                Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) | Map::LpmTrie(d) => {
-                    d.info().unwrap()
-                }
+                Map::HashMap(d)
+                | Map::LruHashMap(d)
+                | Map::PerCpuArray(d)
+                | Map::LpmTrie(d)
+                | Map::Array(d) => d.info().unwrap(),
                 other => panic!("{name}: unexpected map kind {other:?}"),
             };
             assert_eq!(info.map_type().unwrap(), ty, "{name}");

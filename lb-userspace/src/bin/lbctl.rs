@@ -39,20 +39,8 @@ enum Command {
     /// Every backend (endpoint) the maps hold.
     Backends,
     /// Translated flows, both directions, with each flow's state and how
-    /// long it may stay idle. The remaining lifetime uses the agent's
-    /// default lifetimes; give the agent's values when it was started with
-    /// others (the datapath's configuration is not readable from the maps).
-    Conntrack {
-        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
-        conntrack_tcp_timeout_established: std::time::Duration,
-        /// Every TCP state but established, as the agent's shorthand.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        conntrack_tcp_transient_timeout: Option<std::time::Duration>,
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-        conntrack_udp_timeout: std::time::Duration,
-        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
-        conntrack_udp_timeout_stream: std::time::Duration,
-    },
+    /// long it may stay idle (the agent's lifetimes, from LB_SETTINGS).
+    Conntrack,
     /// Datapath counters by verdict and drop reason, summed over CPUs.
     Stats,
     /// Stream datapath events (drops with their reason, rejects, new
@@ -156,22 +144,10 @@ fn main() -> Result<()> {
                 }
             }
         }
-        Command::Conntrack {
-            conntrack_tcp_timeout_established,
-            conntrack_tcp_transient_timeout,
-            conntrack_udp_timeout,
-            conntrack_udp_timeout_stream,
-        } => {
-            let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-            let mut lifetimes = lb_common::DatapathConfig::DEFAULT;
-            if let Some(t) = conntrack_tcp_transient_timeout {
-                lifetimes = lifetimes.with_tcp_transient_ns(ns(t));
-            }
-            lifetimes.ct_tcp_established_ns = ns(conntrack_tcp_timeout_established);
-            lifetimes.ct_udp_ns = ns(conntrack_udp_timeout);
-            lifetimes.ct_udp_stream_ns = ns(conntrack_udp_timeout_stream);
+        Command::Conntrack => {
             let maps = DatapathMaps::open_pinned(dir)?;
             let entries = maps.conntrack_entries()?;
+            let lifetimes = agent_settings(dir);
             let rows = inspect::conntrack(&entries, &lifetimes, inspect::boottime_ns());
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -230,6 +206,22 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The agent's configuration (its conntrack lifetimes), from the pinned
+/// LB_SETTINGS. Without it (an agent from before LB_SETTINGS) or when it
+/// cannot be read: the defaults, said once on stderr.
+fn agent_settings(dir: &Path) -> lb_common::DatapathConfig {
+    let why = match dataplane::layout::read_settings(dir) {
+        Ok(Some(config)) => return config,
+        Ok(None) => format!(
+            "{} is missing or empty (an agent from before it)",
+            dir.join(lb_common::map_names::SETTINGS).display()
+        ),
+        Err(e) => e,
+    };
+    eprintln!("lbctl: {why}; time left uses the default lifetimes (24h established TCP, 30s UDP, ...), which may not be the agent's");
+    lb_common::DatapathConfig::DEFAULT
 }
 
 /// Set by SIGINT/SIGTERM: `lbctl monitor` stops after the event at hand.

@@ -13,7 +13,7 @@ use std::path::Path;
 use aya::maps::{Array, Map, MapData, MapType};
 use lb_common::{
     map_names as m, AffinityKey, AffinityValue, BackendSlot, BackendSlotKey, BackendValue,
-    ConntrackEntry, ConntrackKey, FragKey, FragValue, NodeAddrValue, ServiceKey,
+    ConntrackEntry, ConntrackKey, DatapathConfig, FragKey, FragValue, NodeAddrValue, ServiceKey,
     ServicePortNameValue, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey, UplinkAddr,
     LAYOUT_VERSION,
 };
@@ -116,7 +116,7 @@ struct Declared {
 
 /// What this agent's datapath declares, from the lb-common types (the same
 /// ones lb-ebpf/src/maps.rs declares its maps with), at `sizes`.
-fn declared(sizes: &MapSizes) -> [Declared; 13] {
+fn declared(sizes: &MapSizes) -> [Declared; 14] {
     let d = |name, kind, key, value, max_entries| Declared {
         name,
         kind,
@@ -206,6 +206,13 @@ fn declared(sizes: &MapSizes) -> [Declared; 13] {
             size_of::<FragValue>(),
             lb_common::MAX_FRAGMENTS,
         ),
+        d(
+            m::SETTINGS,
+            MapType::Array,
+            4,
+            size_of::<DatapathConfig>(),
+            1,
+        ),
     ]
 }
 
@@ -285,4 +292,33 @@ pub fn stamp(dir: &Path) -> Result<(), String> {
     array
         .set(0, LAYOUT_VERSION, 0)
         .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Writes the agent's configuration (the `LB_CONFIG` the object was loaded
+/// with) into the pinned `LB_SETTINGS`, for lbctl and bpftool.
+pub fn write_settings(dir: &Path, config: &DatapathConfig) -> Result<(), String> {
+    let path = dir.join(m::SETTINGS);
+    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let data = MapData::from_pin(&path).map_err(|e| err(&e))?;
+    let map = Map::from_map_data(data).map_err(|e| err(&e))?;
+    let mut array: Array<MapData, DatapathConfig> = Array::try_from(map).map_err(|e| err(&e))?;
+    array.set(0, *config, 0).map_err(|e| err(&e))
+}
+
+/// The configuration the agent that pinned the maps in `dir` runs with,
+/// from `LB_SETTINGS`. `Ok(None)`: no such pin (an agent from before
+/// `LB_SETTINGS`), or one never written (all zeros: an agent that has not
+/// finished loading).
+pub fn read_settings(dir: &Path) -> Result<Option<DatapathConfig>, String> {
+    let path = dir.join(m::SETTINGS);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let data = MapData::from_pin(&path).map_err(|e| err(&e))?;
+    let map = Map::from_map_data(data).map_err(|e| err(&e))?;
+    let array: Array<MapData, DatapathConfig> = Array::try_from(map).map_err(|e| err(&e))?;
+    let config = array.get(&0, 0).map_err(|e| err(&e))?;
+    let never_written = <DatapathConfig as bytemuck::Zeroable>::zeroed();
+    Ok((config != never_written).then_some(config))
 }

@@ -130,6 +130,8 @@ pub enum DataplaneError {
     Layout(#[from] layout::LayoutError),
     #[error("stamping the map layout version: {0}")]
     Stamp(String),
+    #[error("writing the datapath settings: {0}")]
+    Settings(String),
     #[error("program {name}: {source}")]
     Program {
         name: &'static str,
@@ -407,6 +409,7 @@ impl Dataplane {
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
         layout::stamp(dir).map_err(DataplaneError::Stamp)?;
+        layout::write_settings(dir, config).map_err(DataplaneError::Settings)?;
         let maps = AgentMaps::open_pinned(dir)?;
         info!(dir = %dir.display(), tc_attach = tc.as_str(), "datapath loaded; maps pinned");
         Ok(Self {
