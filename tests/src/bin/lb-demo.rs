@@ -124,9 +124,9 @@ fn run(t: &Topology) -> Result<()> {
                 let note = if seen == client {
                     "client pod IP kept (no SNAT)".to_string()
                 } else if seen == EXTERNAL_IP {
-                    "external client IP kept (local backend)".to_string()
+                    "external client IP kept (externalTrafficPolicy: Local)".to_string()
                 } else if let Some(n) = t.nodes().iter().find(|n| n.address == seen) {
-                    format!("SNAT to {} (backend on another node)", n.name)
+                    format!("SNAT to {} (externalTrafficPolicy: Cluster)", n.name)
                 } else {
                     String::new()
                 };
