@@ -769,17 +769,7 @@ pub fn cleanup(dir: &Path, links: &[Link]) -> Result<(), ClsactError> {
 mod tests {
     use super::*;
 
-    /// An rtattr: length, type, payload, padding.
-    fn rtattr(ty: u16, payload: &[u8]) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
-        v.extend_from_slice(&ty.to_ne_bytes());
-        v.extend_from_slice(payload);
-        while v.len() % 4 != 0 {
-            v.push(0);
-        }
-        v
-    }
+    use crate::dataplane::test_support::rtattr;
 
     /// A tcmsg: family, pad, ifindex, handle, parent, info.
     fn tcmsg(ifindex: i32, handle: u32, parent: u32, info: u32) -> Vec<u8> {
@@ -939,7 +929,7 @@ mod tests {
 
     // ---- live, in a private network namespace (root only)
 
-    use crate::dataplane::test_netns::in_new_netns;
+    use crate::dataplane::test_support::in_new_netns;
 
     fn sh(cmd: &str) {
         let st = std::process::Command::new("sh")

@@ -22,7 +22,7 @@ pub mod netlink;
 pub mod sockets;
 mod sys;
 #[cfg(test)]
-mod test_netns;
+mod test_support;
 
 use std::collections::BTreeMap;
 use std::io;

@@ -371,17 +371,7 @@ mod tests {
     use super::*;
     use netlink_packet_route::route::RouteNextHop;
 
-    /// An rtattr: length, type, payload, padding.
-    fn rtattr(ty: u16, payload: &[u8]) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
-        v.extend_from_slice(&ty.to_ne_bytes());
-        v.extend_from_slice(payload);
-        while v.len() % 4 != 0 {
-            v.push(0);
-        }
-        v
-    }
+    use crate::dataplane::test_support::rtattr;
 
     /// A netlink message of `msg_type` around `payload`.
     fn nlmsg(msg_type: u16, payload: &[u8]) -> Vec<u8> {
@@ -674,7 +664,7 @@ mod tests {
         ChangeSubscription::new().expect("subscribe");
     }
 
-    use crate::dataplane::test_netns::in_new_netns;
+    use crate::dataplane::test_support::in_new_netns;
 
     fn ip(args: &str) {
         let st = std::process::Command::new("ip")

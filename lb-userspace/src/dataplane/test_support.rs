@@ -1,4 +1,5 @@
-//! Unit tests that need a network namespace of their own (root only).
+//! Helpers of the dataplane unit tests: a network namespace of their own
+//! (root only), netlink attributes built by hand.
 
 use std::io;
 
@@ -28,4 +29,16 @@ pub(crate) fn in_new_netns(test: &str, f: impl FnOnce() + Send + 'static) {
     if let Err(p) = res {
         std::panic::resume_unwind(p);
     }
+}
+
+/// A netlink attribute (rtattr): length, type, payload, padding to 4 bytes.
+pub(crate) fn rtattr(ty: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
+    v.extend_from_slice(&ty.to_ne_bytes());
+    v.extend_from_slice(payload);
+    while v.len() % 4 != 0 {
+        v.push(0);
+    }
+    v
 }
