@@ -12,8 +12,10 @@
 //! ```
 
 use std::fmt::Write as _;
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use crate::objects::{endpoint_slice, service, Endpoint, Object, ServicePort, ServiceType};
 use crate::topology::Topology;
 
 /// `load.py SECONDS TARGET...`, TARGET = `long:IP:PORT:N` (N connections
@@ -249,4 +251,35 @@ pub fn wait_for_log(
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The echo fixture of the attach and cleanup tests: node1 with client1 and
+/// web1, node2 with web2; web1 and web2 echo lines on TCP 9000.
+pub fn echo_topology() -> Topology {
+    let t = Topology::builder()
+        .node("node1", &["client1", "web1"])
+        .node("node2", &["web2"])
+        .build()
+        .expect("building the topology");
+    for w in ["web1", "web2"] {
+        t.spawn_backend(w, &["tcp:9000"])
+            .expect("starting the echo backend");
+    }
+    t
+}
+
+/// The echo Service of [`echo_topology`]: ClusterIP `vip` and NodePort
+/// `node_port`, TCP 9000, backed by web1 and web2.
+pub fn echo_objects(t: &Topology, vip: Ipv4Addr, node_port: u16) -> Vec<Object> {
+    let port = ServicePort::tcp("line", 9000, 9000).node_port(node_port);
+    vec![
+        service("echo", vip)
+            .service_type(ServiceType::NodePort)
+            .port(port.clone())
+            .into(),
+        endpoint_slice("echo", "echo-1")
+            .ports_of(std::slice::from_ref(&port))
+            .endpoints(["web1", "web2"].iter().map(|p| Endpoint::of(t.pod(p))))
+            .into(),
+    ]
 }

@@ -28,10 +28,9 @@ use std::time::Duration;
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use lb_tests::artifacts;
+use lb_tests::load::{echo_objects, echo_topology};
 use lb_tests::netns::in_named_netns;
-use lb_tests::objects::{
-    endpoint_slice, manifest, service, Endpoint, Object, ServicePort, ServiceType,
-};
+use lb_tests::objects::{manifest, Object};
 use lb_tests::require_privileges;
 use lb_tests::topology::{run, Frontend, Topology};
 
@@ -44,29 +43,11 @@ fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
 
 /// node1 (the one snapshotted): client1, web1; node2: web2.
 fn topology() -> Topology {
-    let t = Topology::builder()
-        .node("node1", &["client1", "web1"])
-        .node("node2", &["web2"])
-        .build()
-        .expect("building the topology");
-    for w in ["web1", "web2"] {
-        t.spawn_backend(w, &["tcp:9000"]).unwrap();
-    }
-    t
+    echo_topology()
 }
 
 fn objects(t: &Topology) -> Vec<Object> {
-    let port = ServicePort::tcp("line", 9000, 9000).node_port(NODE_PORT);
-    vec![
-        service("echo", VIP)
-            .service_type(ServiceType::NodePort)
-            .port(port.clone())
-            .into(),
-        endpoint_slice("echo", "echo-1")
-            .ports_of(std::slice::from_ref(&port))
-            .endpoints(["web1", "web2"].iter().map(|p| Endpoint::of(t.pod(p))))
-            .into(),
-    ]
+    echo_objects(t, VIP, NODE_PORT)
 }
 
 /// Removes what changes on its own (bridge timers, rule counters, the

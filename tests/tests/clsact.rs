@@ -12,10 +12,8 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
-use lb_tests::load::{wait_for_log, Load};
-use lb_tests::objects::{
-    endpoint_slice, manifest, service, Endpoint, Object, ServicePort, ServiceType,
-};
+use lb_tests::load::{echo_objects, echo_topology, wait_for_log, Load};
+use lb_tests::objects::{manifest, Object};
 use lb_tests::require_privileges;
 use lb_tests::topology::{Frontend, Topology};
 
@@ -30,32 +28,13 @@ fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
 }
 
-/// node1: client1, web1; node2: web2. An echo Service (ClusterIP and
-/// NodePort) backed by web1 and web2.
+/// node1: client1, web1; node2: web2 (`load::echo_topology`).
 fn topology() -> Topology {
-    let t = Topology::builder()
-        .node("node1", &["client1", "web1"])
-        .node("node2", &["web2"])
-        .build()
-        .expect("building the topology");
-    for w in ["web1", "web2"] {
-        t.spawn_backend(w, &["tcp:9000"]).unwrap();
-    }
-    t
+    echo_topology()
 }
 
 fn objects(t: &Topology) -> Vec<Object> {
-    let port = ServicePort::tcp("line", 9000, 9000).node_port(NODE_PORT);
-    vec![
-        service("echo", VIP)
-            .service_type(ServiceType::NodePort)
-            .port(port.clone())
-            .into(),
-        endpoint_slice("echo", "echo-1")
-            .ports_of(std::slice::from_ref(&port))
-            .endpoints(["web1", "web2"].iter().map(|p| Endpoint::of(t.pod(p))))
-            .into(),
-    ]
+    echo_objects(t, VIP, NODE_PORT)
 }
 
 fn backends(t: &Topology) -> [SocketAddrV4; 2] {
